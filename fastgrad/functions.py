@@ -1,0 +1,166 @@
+"""Activations and losses of the chapter, under the book's names, on any backend.
+
+Each function checks its arguments once, picks the backend (see
+:mod:`fastgrad.backends`) and calls that backend's kernel. Losses return
+Python floats, as the book's do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastgrad._validation import as_batch_targets, as_float_array, check_no_nan
+from fastgrad.backends import BackendLike, resolve_backend
+
+__all__ = [
+    "cross_entropy_error",
+    "identity",
+    "mean_squared_error",
+    "relu",
+    "sigmoid",
+    "sigmoid_grad",
+    "softmax",
+    "softmax_cross_entropy",
+]
+
+
+def _activation_input(x: Any, backend: BackendLike) -> tuple[Any, Any]:
+    chosen = resolve_backend(backend, x)
+    array = chosen.asarray(x)
+    if array.dtype.kind in "biu":
+        # Activations make a new array, so promoting integers loses nothing.
+        array = array.astype("float64")
+    return chosen, array
+
+
+def sigmoid(x: Any, *, backend: BackendLike = None) -> Any:
+    """Logistic function ``1 / (1 + exp(-x))``, overflow-safe.
+
+    Examples
+    --------
+    >>> import numpy as np, fastgrad
+    >>> fastgrad.sigmoid(np.array([-1.0, 1.0, 2.0])).round(4).tolist()
+    [0.2689, 0.7311, 0.8808]
+    """
+    chosen, array = _activation_input(x, backend)
+    return chosen.sigmoid(array)
+
+
+def sigmoid_grad(x: Any, *, backend: BackendLike = None) -> Any:
+    """Derivative of :func:`sigmoid` at ``x``: ``(1 - sigmoid(x)) * sigmoid(x)``.
+
+    Examples
+    --------
+    >>> import fastgrad
+    >>> float(fastgrad.sigmoid_grad(0.0))
+    0.25
+    """
+    chosen, array = _activation_input(x, backend)
+    return chosen.sigmoid_grad(array)
+
+
+def relu(x: Any, *, backend: BackendLike = None) -> Any:
+    """``max(x, 0)`` elementwise.
+
+    Examples
+    --------
+    >>> import numpy as np, fastgrad
+    >>> fastgrad.relu(np.array([-1.0, 2.0])).tolist()
+    [0.0, 2.0]
+    """
+    chosen, array = _activation_input(x, backend)
+    return chosen.relu(array)
+
+
+def identity(x: Any, *, backend: BackendLike = None) -> Any:
+    """The output activation of regression: returns ``x`` unchanged.
+
+    Examples
+    --------
+    >>> import fastgrad
+    >>> fastgrad.identity([1.0, 2.0]).tolist()
+    [1.0, 2.0]
+    """
+    chosen, array = _activation_input(x, backend)
+    return chosen.identity(array)
+
+
+def softmax(x: Any, *, backend: BackendLike = None) -> Any:
+    """Softmax along the last axis (each row of a batch), overflow-safe.
+
+    Examples
+    --------
+    >>> import numpy as np, fastgrad
+    >>> fastgrad.softmax(np.array([1010.0, 1000.0, 990.0])).round(5).tolist()
+    [0.99995, 5e-05, 0.0]
+    """
+    chosen, array = _activation_input(x, backend)
+    if array.ndim == 0:
+        raise ValueError("softmax needs at least one axis; got a scalar")
+    return chosen.softmax(array)
+
+
+def mean_squared_error(y: Any, t: Any, *, backend: BackendLike = None) -> float:
+    """The book's sum of squares error ``0.5 * sum((y - t) ** 2)`` (not averaged).
+
+    Examples
+    --------
+    >>> import fastgrad
+    >>> t = [0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+    >>> y = [0.1, 0.05, 0.6, 0.0, 0.05, 0.1, 0.0, 0.1, 0.0, 0.0]
+    >>> round(fastgrad.mean_squared_error(y, t), 4)
+    0.0975
+    """
+    chosen = resolve_backend(backend, y, t)
+    Y = as_float_array(chosen, y, "y")
+    T = chosen.asarray(t)
+    if T.shape != Y.shape:
+        raise ValueError(f"y and t must have the same shape, got {Y.shape} and {T.shape}")
+    check_no_nan(chosen, Y, "y")
+    if T.dtype.kind == "f":
+        check_no_nan(chosen, T, "t")
+    return float(chosen.mean_squared_error(Y, T.astype(Y.dtype, copy=False)))
+
+
+def cross_entropy_error(y: Any, t: Any, *, backend: BackendLike = None) -> float:
+    """The book's cross-entropy ``-sum(t * log(y + 1e-7))``, averaged over the batch.
+
+    ``y`` holds probabilities, one sample (1-D) or a batch (2-D); ``t`` holds
+    one-hot rows of the same shape or integer labels. The ``1e-7`` guard is
+    the book's and gives its values; for training use
+    :func:`softmax_cross_entropy`, which is exact.
+
+    Examples
+    --------
+    >>> import fastgrad
+    >>> y = [0.1, 0.05, 0.6, 0.0, 0.05, 0.1, 0.0, 0.1, 0.0, 0.0]
+    >>> round(fastgrad.cross_entropy_error(y, 2), 9)
+    0.510825457
+    """
+    chosen = resolve_backend(backend, y, t)
+    Y = as_float_array(chosen, y, "y")
+    Y, T = as_batch_targets(chosen, Y, t)
+    check_no_nan(chosen, Y, "y")
+    value = float(chosen.cross_entropy_error(Y, T))
+    if value != value:
+        raise ValueError("cross_entropy_error is NaN: y holds negative probabilities")
+    return value
+
+
+def softmax_cross_entropy(logits: Any, t: Any, *, backend: BackendLike = None) -> float:
+    """Cross-entropy of ``softmax(logits)``, fused and exact (log-sum-exp).
+
+    Accepts the same targets as :func:`cross_entropy_error`, soft targets too,
+    and never overflows or takes ``log(0)``.
+
+    Examples
+    --------
+    >>> import fastgrad
+    >>> round(fastgrad.softmax_cross_entropy([0.0, 0.0], 1), 6)
+    0.693147
+    """
+    chosen = resolve_backend(backend, logits, t)
+    Z = as_float_array(chosen, logits, "logits")
+    Z, T = as_batch_targets(chosen, Z, t, "logits")
+    check_no_nan(chosen, Z, "logits")
+    return float(chosen.softmax_cross_entropy(Z, T))
