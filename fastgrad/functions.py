@@ -141,10 +141,9 @@ def cross_entropy_error(y: Any, t: Any, *, backend: BackendLike = None) -> float
     Y = as_float_array(chosen, y, "y")
     Y, T = as_batch_targets(chosen, Y, t)
     check_no_nan(chosen, Y, "y")
-    value = float(chosen.cross_entropy_error(Y, T))
-    if value != value:
-        raise ValueError("cross_entropy_error is NaN: y holds negative probabilities")
-    return value
+    if bool((Y < 0).any()):
+        raise ValueError("y holds negative values; cross_entropy_error expects probabilities")
+    return float(chosen.cross_entropy_error(Y, T))
 
 
 def softmax_cross_entropy(logits: Any, t: Any, *, backend: BackendLike = None) -> float:

@@ -188,9 +188,7 @@ class TwoLayerNet:
         X, labels = self._batch(x, t)
         return self.backend.two_layer_gradient(self.params, X, labels)[1]
 
-    def numerical_gradient(
-        self, x: Any, t: Any, method: str = "fast", h: float = 1e-4
-    ) -> Params:
+    def numerical_gradient(self, x: Any, t: Any, method: str = "fast", h: float = 1e-4) -> Params:
         """Gradients of :meth:`loss` by central differences, in float64.
 
         ``"naive"`` is the book's loop: two full losses per parameter.

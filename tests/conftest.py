@@ -28,7 +28,9 @@ def backend_or_skip(name: str) -> fastgrad.Backend:
     reason = unavailable_reason(name)
     if reason is not None:
         if name in required_backends():
-            pytest.fail(f"FASTGRAD_REQUIRE_BACKENDS names {name!r}, but it is unavailable: {reason}")
+            pytest.fail(
+                f"FASTGRAD_REQUIRE_BACKENDS names {name!r}, but it is unavailable: {reason}"
+            )
         pytest.skip(f"backend {name!r} unavailable: {reason}")
     return fastgrad.get_backend(name)
 

@@ -39,7 +39,9 @@ def two_layer_loss(params: dict[str, np.ndarray], X: np.ndarray, labels: np.ndar
     return log_softmax_cross_entropy(hidden @ W2 + b2, labels)
 
 
-def numerical_gradient(f: Callable[[np.ndarray], float], x: np.ndarray, h: float = 1e-4) -> np.ndarray:
+def numerical_gradient(
+    f: Callable[[np.ndarray], float], x: np.ndarray, h: float = 1e-4
+) -> np.ndarray:
     """The book's per-element central-difference loop."""
     grad = np.zeros_like(x)
     for index in np.ndindex(*x.shape):

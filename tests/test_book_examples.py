@@ -36,8 +36,12 @@ def test_cross_entropy_error_values(backend, target):
 def test_cross_entropy_error_batch_averages(backend):
     y = np.stack([Y_GOOD, Y_BAD])
     expected = (0.510825457099338 + 2.302584092994546) / 2
-    assert fastgrad.cross_entropy_error(y, np.stack([T, T]), backend=backend) == pytest.approx(expected)
-    assert fastgrad.cross_entropy_error(y, np.array([2, 2]), backend=backend) == pytest.approx(expected)
+    assert fastgrad.cross_entropy_error(y, np.stack([T, T]), backend=backend) == pytest.approx(
+        expected
+    )
+    assert fastgrad.cross_entropy_error(y, np.array([2, 2]), backend=backend) == pytest.approx(
+        expected
+    )
 
 
 def test_numerical_diff_values():
@@ -71,7 +75,9 @@ def test_gradient_descent_book_example(backend):
 
 def test_gradient_descent_learning_rate_extremes():
     too_big, _ = fastgrad.gradient_descent(function_2, np.array([-3.0, 4.0]), lr=10.0, step_num=100)
-    too_small, _ = fastgrad.gradient_descent(function_2, np.array([-3.0, 4.0]), lr=1e-10, step_num=100)
+    too_small, _ = fastgrad.gradient_descent(
+        function_2, np.array([-3.0, 4.0]), lr=1e-10, step_num=100
+    )
     assert abs(too_big[0]) > 1e10  # diverges, as the book shows
     np.testing.assert_allclose(too_small, [-3.0, 4.0], atol=1e-6)  # barely moves
 

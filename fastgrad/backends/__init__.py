@@ -229,8 +229,10 @@ def resolve_backend(explicit: BackendLike, *arrays: Any) -> Backend:
         chosen = _context_choice.get() or _process_choice or family
     backend = get_backend(chosen)
     foreign = [a for a in arrays if hasattr(a, "shape") and not backend.is_native(a)]
-    if family is not None and family != backend.array_family or (
-        backend.array_family != "numpy" and foreign
+    if (
+        (family is not None
+        and family != backend.array_family)
+        or (backend.array_family != "numpy" and foreign)
     ):
         where = "CuPy (GPU)" if family == "cupy" else "NumPy (host)"
         raise TypeError(

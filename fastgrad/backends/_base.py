@@ -430,7 +430,9 @@ def _scalar(value: Any, what: str) -> float:
     return result
 
 
-def _stack_values(f: Callable[[Array], Any], stack: Array, shape: tuple[int, ...], count: int) -> Array:
+def _stack_values(
+    f: Callable[[Array], Any], stack: Array, shape: tuple[int, ...], count: int
+) -> Array:
     values = f(stack.reshape((count, *shape)))
     if getattr(values, "shape", None) != (count,):
         raise ValueError(

@@ -43,4 +43,5 @@ def _blas_facts() -> dict[str, str]:
     if not pools:
         return {"blas": "none found"}
     pool = pools[0]
-    return {"blas": f"{pool.get('internal_api')} {pool.get('version')}, {pool.get('num_threads')} threads"}
+    threads = pool.get("num_threads")
+    return {"blas": f"{pool.get('internal_api')} {pool.get('version')}, {threads} threads"}
