@@ -16,6 +16,7 @@ PUBLIC_MODULES = [
     "fastgrad.gradient",
     "fastgrad.models",
     "fastgrad.gradcheck",
+    "fastgrad.backends._cupy_kernels",
 ]
 
 
