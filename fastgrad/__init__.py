@@ -20,6 +20,7 @@ from fastgrad.backends import (
     set_backend,
     use_backend,
 )
+from fastgrad.data import load_mnist
 from fastgrad.errors import BackendUnavailableError, PrecisionWarning, SlowPathWarning
 from fastgrad.functions import (
     cross_entropy_error,
@@ -35,6 +36,10 @@ from fastgrad.gradcheck import GradientCheckReport, gradient_check
 from fastgrad.gradient import gradient_descent, numerical_diff, numerical_gradient, tangent_line
 from fastgrad.models import SimpleNet, TwoLayerNet
 
+# `train` itself stays in fastgrad.train: a function of the same name here would
+# shadow that module (`import fastgrad.train as m` would return the function).
+from fastgrad.train import TrainingHistory
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -44,6 +49,7 @@ __all__ = [
     "PrecisionWarning",
     "SimpleNet",
     "SlowPathWarning",
+    "TrainingHistory",
     "TwoLayerNet",
     "__version__",
     "available_backends",
@@ -52,6 +58,7 @@ __all__ = [
     "gradient_check",
     "gradient_descent",
     "identity",
+    "load_mnist",
     "mean_squared_error",
     "numerical_diff",
     "numerical_gradient",

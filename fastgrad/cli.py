@@ -1,0 +1,449 @@
+"""The ``fastgrad`` command: ``train``, ``info`` and ``bench``.
+
+A user's mistake (a bad flag, an unknown or unavailable backend, missing data)
+ends in one line on stderr and a non-zero exit, never a traceback; anything
+else is a bug and keeps its traceback. Heavy modules (matplotlib, tqdm, the
+benchmarks) are imported only by the subcommand that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import IO, Any, NoReturn
+
+import numpy as np
+
+from fastgrad import __version__
+from fastgrad.errors import BackendUnavailableError
+
+__all__ = ["main"]
+
+_EMBEDDED_SUBSET = "the embedded subset (10,000 train / 2,000 test images)"
+
+
+# ------------------------------------------------------------------ parsing
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line instead of usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def _build_parser(bench: ModuleType | None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastgrad", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"fastgrad {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,info,bench}")
+
+    train = commands.add_parser(
+        "train",
+        help="train the chapter's TwoLayerNet on MNIST",
+        description="Train TwoLayerNet by mini-batch SGD as in the chapter; the defaults "
+        "reproduce the book's run. Writes history.json, params.npz and training.png.",
+    )
+    train.add_argument(
+        "--backend",
+        default=None,
+        help="numpy, numba or cupy (default: numpy, or $FASTGRAD_BACKEND)",
+    )
+    train.add_argument(
+        "--grad",
+        default="backprop",
+        choices=("backprop", "numerical", "numerical-naive"),
+        help="how gradients are computed (default: backprop)",
+    )
+    train.add_argument("--iters", type=_positive_int, default=10_000, help="default: 10000")
+    train.add_argument("--batch-size", type=_positive_int, default=100, help="default: 100")
+    train.add_argument("--lr", type=_learning_rate, default=0.1, help="default: 0.1")
+    train.add_argument(
+        "--hidden", type=_positive_int, default=50, help="hidden units (default: 50)"
+    )
+    train.add_argument(
+        "--dataset",
+        default="mnist",
+        choices=("mnist", "mini"),
+        help="full MNIST, or the embedded 10,000/2,000-image subset",
+    )
+    train.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the four MNIST files (default: $FASTGRAD_DATA_DIR, "
+        "then the cache, then a download)",
+    )
+    train.add_argument(
+        "--sampling",
+        default="choice",
+        choices=("choice", "shuffle"),
+        help="batches drawn with replacement (book) or shuffled epochs",
+    )
+    train.add_argument(
+        "--seed",
+        type=_seed,
+        default=None,
+        help="seeds the weights and the batches (default: random, recorded)",
+    )
+    train.add_argument(
+        "--dtype",
+        default="float64",
+        choices=("float64", "float32"),
+        help="parameter and data precision (default: float64)",
+    )
+    train.add_argument(
+        "--out", default=None, help="output folder (default: ./runs/<UTC timestamp>)"
+    )
+    train.set_defaults(handler=_run_train)
+
+    info = commands.add_parser("info", help="versions, backends, devices and BLAS threads")
+    info.set_defaults(handler=_run_info)
+
+    bench_parser = commands.add_parser("bench", help="benchmark the kernels on each backend")
+    if bench is not None:
+        bench.add_bench_arguments(bench_parser)
+        bench_parser.set_defaults(handler=bench.run_bench)
+    return parser
+
+
+# --------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fastgrad`` command; returns the exit status.
+
+    Examples
+    --------
+    >>> from fastgrad.cli import main
+    >>> main(["--version"])  # doctest: +SKIP
+    fastgrad 0.1.0
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    bench = None
+    if arguments[:1] == ["bench"]:
+        bench = _import_benchmarks()
+        if bench is None:
+            return 2
+    parser = _build_parser(bench)
+    try:
+        args = parser.parse_args(arguments)
+    except SystemExit as exit_request:  # --help, --version and usage errors
+        return exit_request.code if isinstance(exit_request.code, int) else 1
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.handler(args))
+        except KeyboardInterrupt:
+            _error("interrupted")
+            return 130
+        except Exception as error:
+            message = _user_error_message(error)
+            if message is None:
+                raise
+            _error(message)
+            return 1
+
+
+def _import_benchmarks() -> ModuleType | None:
+    # Imported only for `fastgrad bench`: the benchmarks pull in their own dependencies.
+    try:
+        return importlib.import_module("fastgrad.benchmarks")
+    except ModuleNotFoundError as error:
+        if error.name == "fastgrad.benchmarks":
+            _error("bench is not available yet: this installation has no fastgrad.benchmarks")
+        else:
+            _error(f"bench needs {error.name}, which is not installed ({error})")
+        return None
+
+
+def _user_error_message(error: Exception) -> str | None:
+    """One line for the errors a user causes and can fix; None for bugs."""
+    from fastgrad.data import MNISTError
+    from fastgrad.train import TrainingDivergedError
+
+    if isinstance(error, (BackendUnavailableError, MNISTError, TrainingDivergedError)):
+        return str(error)
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.strerror or error}: {error.filename}"
+    return None
+
+
+def _error(message: str) -> None:
+    print(f"fastgrad: error: {message}", file=sys.stderr)
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: IO[str] | None = None,
+    line: str | None = None,
+) -> None:
+    print(f"fastgrad: warning: {message}", file=sys.stderr)
+
+
+# -------------------------------------------------------------------- train
+def _run_train(args: argparse.Namespace) -> int:
+    from fastgrad.backends import get_backend
+    from fastgrad.checkpoint import save_params
+    from fastgrad.models import TwoLayerNet
+    from fastgrad.train import TrainingHistory, train
+
+    backend = get_backend(args.backend)
+    dtype = np.dtype(args.dtype)
+    data, dataset = _load_data(args.dataset, args.data_dir, dtype)
+    out = (
+        Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    )
+    out.mkdir(parents=True, exist_ok=True)  # before training, so a bad --out fails at once
+    # An unseeded run still records its seed, so any run can be repeated.
+    seed = args.seed if args.seed is not None else int(np.random.default_rng().integers(2**32))
+    (x_train, _), (x_test, _) = data
+    net = TwoLayerNet(x_train.shape[1], args.hidden, 10, dtype=dtype, seed=seed, backend=backend)
+    print(
+        f"training {net!r} on {dataset}: {len(x_train):,} train / {len(x_test):,} test images, "
+        f"{args.iters} iterations of batch {args.batch_size}, lr {args.lr}, {args.grad} "
+        f"gradients, seed {seed}",
+        flush=True,
+    )
+    progress = _Progress(args.iters)
+    table = _EpochTable(progress.write)
+
+    def on_progress(history: TrainingHistory) -> None:
+        progress.update(history)
+        table.update(history)
+
+    try:
+        history = train(
+            net,
+            data,
+            iters=args.iters,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            gradient=args.grad,
+            sampling=args.sampling,
+            seed=seed,
+            callback=on_progress,
+        )
+    finally:
+        progress.close()
+    history.config.update(dataset=dataset, weight_seed=seed)
+    written = [history.save(out / "history.json"), save_params(net, out / "params.npz")]
+    figure = _save_figure(history, out / "training.png")
+    if figure is not None:
+        written.append(figure)
+    final = history.final
+    assert final is not None  # train() always evaluates the end of the run
+    print(
+        f"final: train acc {final.train_acc:.4f}, test acc {final.test_acc:.4f} after "
+        f"{final.iteration} iterations; {history.wall_time:.1f} s in all, "
+        f"{history.gradient_time:.1f} s in SGD steps ({history.steps_per_second:,.0f} it/s)"
+    )
+    print(f"wrote {', '.join(str(path) for path in written)}")
+    return 0
+
+
+def _load_data(dataset: str, data_dir: str | None, dtype: np.dtype) -> tuple[Any, str]:
+    from fastgrad.data import ENV_DATA_DIR, MNISTUnavailableError, load_mnist
+
+    if dataset == "mini":
+        return load_mnist(subset="mini", dtype=dtype), "mnist-mini"
+    # A folder the user named must be right; only the default search falls back.
+    if data_dir is not None or os.environ.get(ENV_DATA_DIR, "").strip():
+        return load_mnist(data_dir=data_dir, dtype=dtype), "mnist"
+    try:
+        return load_mnist(dtype=dtype), "mnist"
+    except MNISTUnavailableError as error:
+        print(
+            f"fastgrad: full MNIST is unavailable ({error.brief}); using {_EMBEDDED_SUBSET}",
+            file=sys.stderr,
+        )
+        return load_mnist(subset="mini", dtype=dtype), "mnist-mini"
+
+
+def _save_figure(history: Any, path: Path) -> Path | None:
+    try:
+        from fastgrad.plot import plot_history
+
+        plot_history(history, path)
+    except ImportError:
+        print(
+            "fastgrad: matplotlib is not installed, so no figure was written "
+            "(pip install 'fastgrad[plot]')",
+            file=sys.stderr,
+        )
+        return None
+    return path
+
+
+class _EpochTable:
+    """Prints each new evaluation of the history as a row, as training goes."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self._write = write
+        self._printed = 0
+        write(f"{'epoch':>7}  {'iteration':>9}  {'train acc':>9}  {'test acc':>8}  {'time':>7}")
+
+    def update(self, history: Any) -> None:
+        for record in history.epochs[self._printed :]:
+            self._write(
+                f"{record.epoch:7.2f}  {record.iteration:9d}  {record.train_acc:9.4f}  "
+                f"{record.test_acc:8.4f}  {history.wall_time:6.1f}s"
+            )
+        self._printed = len(history.epochs)
+
+
+class _Progress:
+    """A progress bar on stderr: tqdm's when installed, else one rewritten line.
+
+    Shown only on a terminal, so logs and pipes get the table and no clutter.
+    """
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+        self._done = 0
+        self._started = time.perf_counter()
+        self._terminal = sys.stderr.isatty()
+        self._line_shown = False
+        self._bar: Any = None
+        if importlib.util.find_spec("tqdm") is not None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total,
+                unit="it",
+                desc="train",
+                disable=not self._terminal,
+                leave=False,
+                dynamic_ncols=True,
+            )
+
+    def update(self, history: Any) -> None:
+        done = len(history.losses)
+        if done == self._done or not history.losses:
+            return
+        loss = history.losses[-1]
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self._bar.update(done - self._done)
+        elif self._terminal:
+            rate = done / max(time.perf_counter() - self._started, 1e-9)
+            sys.stderr.write(
+                f"\r\x1b[Ktrain {done}/{self._total} ({100 * done // self._total}%) "
+                f"loss {loss:.4f}, {rate:,.0f} it/s"
+            )
+            sys.stderr.flush()
+            self._line_shown = True
+        self._done = done
+
+    def write(self, line: str) -> None:
+        """Print ``line`` to stdout without tearing the progress display."""
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stdout)
+            return
+        if self._line_shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self._line_shown = False
+        print(line, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._line_shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+# --------------------------------------------------------------------- info
+def _run_info(args: argparse.Namespace) -> int:
+    from fastgrad.backends import get_backend, known_backends, unavailable_reason
+    from fastgrad.data import cache_dir, find_mnist_dir
+
+    print(
+        f"fastgrad {__version__} (Python {platform.python_version()}, numpy {np.__version__}, "
+        f"{platform.system()} {platform.machine()})"
+    )
+    print(f"CPU: {os.cpu_count()} logical cores" + _thread_variables())
+    print("backends:")
+    for name in known_backends():
+        reason = unavailable_reason(name)
+        if reason is not None:
+            print(f"  {name:<6} unavailable: {reason}")
+            continue
+        print(f"  {name:<6} available")
+        for key, value in _describe(get_backend(name)).items():
+            print(f"         {key}: {value}")
+    found = find_mnist_dir()
+    where = (
+        f"found in {found}" if found else f"not found (load_mnist downloads it to {cache_dir()})"
+    )
+    print(f"MNIST: {where}; {_EMBEDDED_SUBSET} is always available")
+    optional = [
+        f"{package} {_version_of(package)}" for package in ("matplotlib", "tqdm", "threadpoolctl")
+    ]
+    print(f"optional packages: {', '.join(optional)}")
+    return 0
+
+
+def _describe(backend: Any) -> dict[str, str]:
+    # info is a diagnosis tool: a backend that cannot describe itself is a fact
+    # worth printing, not a reason to stop.
+    try:
+        return dict(backend.describe())
+    except Exception as error:
+        return {"describe() failed": f"{type(error).__name__}: {error}"}
+
+
+def _thread_variables() -> str:
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+    found = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
+    return f" ({', '.join(found)})" if found else ""
+
+
+def _version_of(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"

@@ -1,0 +1,405 @@
+"""The chapter's mini-batch SGD loop, run an epoch at a time inside the backend.
+
+The loop is the book's (random mini-batches, a batch loss per iteration,
+train and test accuracy on the whole sets every epoch), but the Python side
+only draws each epoch's batch indices on the host and hands them to
+``backend.two_layer_sgd_steps``, so a compiled or GPU backend runs the steps
+without coming back to Python. The same seed on the same backend gives the
+same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastgrad.backends import Backend
+from fastgrad.backends._base import PARAM_NAMES
+from fastgrad.errors import SlowPathWarning
+from fastgrad.models import TwoLayerNet
+
+__all__ = [
+    "GRADIENT_METHODS",
+    "SAMPLING_METHODS",
+    "EpochRecord",
+    "TrainingDivergedError",
+    "TrainingHistory",
+    "train",
+]
+
+GRADIENT_METHODS = ("backprop", "numerical", "numerical-naive")
+SAMPLING_METHODS = ("choice", "shuffle")
+
+# Steps per backend call. Backprop runs a whole epoch per call; numerical
+# gradients are slow enough per step that a caller's progress display would
+# otherwise stall for minutes between updates.
+_STEPS_PER_CALL = {"backprop": None, "numerical": 10, "numerical-naive": 1}
+
+_FORMAT = "fastgrad.TrainingHistory"
+_FORMAT_VERSION = 1
+
+Dataset = tuple[tuple[Any, Any], tuple[Any, Any]]
+
+
+class TrainingDivergedError(ArithmeticError):
+    """The loss became NaN or infinite; :attr:`history` holds the run up to that point."""
+
+    def __init__(self, message: str, history: TrainingHistory) -> None:
+        super().__init__(message)
+        self.history = history
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """Accuracies on the whole training and test sets after ``iteration`` steps.
+
+    ``epoch`` is ``iteration / iters_per_epoch``: whole at epoch ends, and
+    fractional for the closing evaluation of a run that stops mid-epoch.
+    """
+
+    epoch: float
+    iteration: int
+    train_acc: float
+    test_acc: float
+
+
+@dataclass
+class TrainingHistory:
+    """What a training run measured, ready to save as JSON and to plot.
+
+    Attributes
+    ----------
+    losses
+        Batch loss of every iteration, measured on the batch before its update.
+    epochs
+        One :class:`EpochRecord` per evaluation: before training, after every
+        epoch, and after the last iteration.
+    wall_time
+        Seconds for the whole call, evaluations and data transfer included.
+    gradient_time
+        Seconds inside the SGD steps (gradients and updates).
+    warmup_time
+        Seconds the backend spent compiling before the first step.
+    config
+        The run's settings: sizes, dtype, backend, learning rate, seed, ...
+
+    Examples
+    --------
+    >>> from fastgrad.train import EpochRecord, TrainingHistory
+    >>> history = TrainingHistory(losses=[2.3, 2.2], epochs=[EpochRecord(1.0, 2, 0.5, 0.4)])
+    >>> TrainingHistory.from_json(history.to_json()) == history
+    True
+    """
+
+    losses: list[float] = field(default_factory=list)
+    epochs: list[EpochRecord] = field(default_factory=list)
+    wall_time: float = 0.0
+    gradient_time: float = 0.0
+    warmup_time: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    # -- the book's names
+    @property
+    def train_loss_list(self) -> list[float]:
+        return self.losses
+
+    @property
+    def train_acc_list(self) -> list[float]:
+        return [record.train_acc for record in self.epochs]
+
+    @property
+    def test_acc_list(self) -> list[float]:
+        return [record.test_acc for record in self.epochs]
+
+    @property
+    def final(self) -> EpochRecord | None:
+        """The last evaluation, or None when the run evaluated nothing."""
+        return self.epochs[-1] if self.epochs else None
+
+    @property
+    def steps_per_second(self) -> float:
+        """SGD iterations per second of gradient time."""
+        return len(self.losses) / self.gradient_time if self.gradient_time > 0 else 0.0
+
+    # -- persistence
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": _FORMAT, "version": _FORMAT_VERSION, **asdict(self)}
+
+    def to_json(self) -> str:
+        """The history as a JSON document (``allow_nan`` off: a diverged run never gets here)."""
+        return json.dumps(self.to_dict(), allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any]) -> TrainingHistory:
+        if document.get("format") != _FORMAT or document.get("version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"not a {_FORMAT} version {_FORMAT_VERSION} document "
+                f"(format={document.get('format')!r}, version={document.get('version')!r})"
+            )
+        return cls(
+            losses=[float(value) for value in document["losses"]],
+            epochs=[EpochRecord(**record) for record in document["epochs"]],
+            wall_time=float(document["wall_time"]),
+            gradient_time=float(document["gradient_time"]),
+            warmup_time=float(document.get("warmup_time", 0.0)),
+            config=dict(document["config"]),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainingHistory:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_json` to ``path`` atomically (temporary file + rename)."""
+        from fastgrad.checkpoint import atomic_write_bytes
+
+        return atomic_write_bytes(path, self.to_json().encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TrainingHistory:
+        """Read a history written by :meth:`save`."""
+        return cls.from_json(Path(path).read_text())
+
+
+def train(
+    net: TwoLayerNet,
+    data: Dataset,
+    *,
+    iters: int = 10_000,
+    batch_size: int = 100,
+    lr: float = 0.1,
+    gradient: str = "backprop",
+    sampling: str = "choice",
+    seed: int | None = None,
+    eval_every_epoch: bool = True,
+    callback: Callable[[TrainingHistory], None] | None = None,
+) -> TrainingHistory:
+    """Train ``net`` by mini-batch SGD as in the chapter; updates ``net.params`` in place.
+
+    Parameters
+    ----------
+    net
+        The network; its backend runs everything, its dtype is the data's.
+    data
+        ``((x_train, t_train), (x_test, t_test))`` as :func:`fastgrad.data.load_mnist`
+        returns; labels or one-hot targets. Moved to the backend once.
+    iters, batch_size, lr
+        The chapter's ``iters_num``, ``batch_size`` and ``learning_rate``.
+    gradient
+        ``"backprop"``; ``"numerical"`` (central differences by the fast
+        kernel, in float64); or ``"numerical-naive"`` (the book's loop, one
+        Python call per parameter: hours for MNIST, warns).
+    sampling
+        ``"choice"``: each batch drawn with replacement, as the book's
+        ``np.random.choice``; ``"shuffle"``: every epoch walks a fresh
+        permutation of the training set (a remainder smaller than a batch is
+        skipped).
+    seed
+        Seeds the batch draws (not the weights: seed the network for that).
+    eval_every_epoch
+        Evaluate accuracy before training and after every epoch of
+        ``max(train_size // batch_size, 1)`` iterations; the end of the run is
+        always evaluated.
+    callback
+        Called with the history so far after each backend call and evaluation.
+
+    Returns
+    -------
+    TrainingHistory
+
+    Raises
+    ------
+    TrainingDivergedError
+        A batch loss or a parameter became NaN or infinite.
+
+    Examples
+    --------
+    >>> import fastgrad
+    >>> from fastgrad.data import load_mnist
+    >>> from fastgrad.train import train
+    >>> data = load_mnist(subset="mini")
+    >>> net = fastgrad.TwoLayerNet(784, 50, 10, seed=0)
+    >>> history = train(net, data, iters=500, seed=0)
+    >>> history.losses[0] > history.losses[-1], history.final.test_acc > 0.5
+    (True, True)
+    """
+    started = time.perf_counter()
+    _check_settings(iters, batch_size, lr, gradient, sampling)
+    if gradient == "numerical-naive":
+        warnings.warn(
+            "gradient='numerical-naive' runs the book's loop, two full forward passes per "
+            f"parameter ({net.num_params:,} here) per iteration; use 'numerical' for the same "
+            "values thousands of times faster",
+            SlowPathWarning,
+            stacklevel=2,
+        )
+    backend = net.backend
+    (x_train, t_train), (x_test, t_test) = (
+        tuple(_to_backend(backend, array) for array in split) for split in data
+    )
+    X_train, labels_train = net.prepare(x_train, t_train)
+    X_test, labels_test = net.prepare(x_test, t_test)
+    train_size = int(X_train.shape[0])
+    iters_per_epoch = max(train_size // batch_size, 1)
+    history = TrainingHistory(
+        config={
+            "layer_sizes": [net.input_size, net.hidden_size, net.output_size],
+            "dtype": net.dtype.name,
+            "backend": backend.name,
+            "iters": iters,
+            "batch_size": batch_size,
+            "lr": lr,
+            "gradient": gradient,
+            "sampling": sampling,
+            "seed": seed,
+            "train_size": train_size,
+            "test_size": int(X_test.shape[0]),
+            "iters_per_epoch": iters_per_epoch,
+        }
+    )
+    # Compile before the clock of the steps starts (the naive loop has nothing to compile).
+    if gradient != "numerical-naive":
+        history.warmup_time = backend.warmup(net.dtype)
+
+    def evaluate(iteration: int) -> None:
+        train_acc = float(backend.two_layer_accuracy(net.params, X_train, labels_train))
+        test_acc = float(backend.two_layer_accuracy(net.params, X_test, labels_test))
+        epoch = round(iteration / iters_per_epoch, 6)
+        history.epochs.append(EpochRecord(epoch, iteration, train_acc, test_acc))
+
+    def report() -> None:
+        history.wall_time = time.perf_counter() - started
+        if callback is not None:
+            callback(history)
+
+    if eval_every_epoch:
+        evaluate(0)
+        report()
+    rng = np.random.default_rng(seed)
+    steps_per_call = _STEPS_PER_CALL[gradient] or iters_per_epoch
+    done = 0
+    while done < iters:
+        # Drawn a whole epoch at a time, so chunking never changes the batches.
+        epoch_indices = _draw_epoch(rng, sampling, train_size, iters_per_epoch, batch_size)
+        epoch_steps = min(iters_per_epoch, iters - done)
+        for first in range(0, epoch_steps, steps_per_call):
+            indices = epoch_indices[first : min(first + steps_per_call, epoch_steps)]
+            step_started = time.perf_counter()
+            with _small_blas(backend):
+                losses = _run_steps(net, X_train, labels_train, indices, lr, gradient)
+            history.gradient_time += time.perf_counter() - step_started
+            _check_finite(losses, done, lr, history)
+            history.losses.extend(losses.tolist())
+            done += len(losses)
+            report()
+        if eval_every_epoch and done % iters_per_epoch == 0:
+            evaluate(done)
+            report()
+    _check_parameters(net, lr, history)
+    if not history.epochs or history.epochs[-1].iteration != done:
+        evaluate(done)
+        report()
+    return history
+
+
+def _check_settings(iters: int, batch_size: int, lr: float, gradient: str, sampling: str) -> None:
+    for name, value, low in (("iters", iters, 0), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            kind = "non-negative" if low == 0 else "positive"
+            raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
+    if (
+        isinstance(lr, bool)
+        or not isinstance(lr, (int, float, np.floating))
+        or not 0 < lr < math.inf
+    ):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if gradient not in GRADIENT_METHODS:
+        raise ValueError(f"gradient must be one of {GRADIENT_METHODS}, got {gradient!r}")
+    if sampling not in SAMPLING_METHODS:
+        raise ValueError(f"sampling must be one of {SAMPLING_METHODS}, got {sampling!r}")
+
+
+def _to_backend(backend: Backend, array: Any) -> Any:
+    # The run's one deliberate host-to-device copy: each whole set, once.
+    return array if backend.is_native(array) else backend.asarray(array)
+
+
+def _draw_epoch(
+    rng: np.random.Generator, sampling: str, train_size: int, steps: int, batch_size: int
+) -> np.ndarray:
+    """Row indices ``(steps, batch_size)`` for one epoch, drawn on the host."""
+    if sampling == "choice":
+        return rng.integers(0, train_size, size=(steps, batch_size), dtype=np.intp)
+    needed = steps * batch_size
+    # A batch larger than the set needs more than one pass over a permutation.
+    passes = -(-needed // train_size)
+    order = np.concatenate([rng.permutation(train_size) for _ in range(passes)])
+    return order[:needed].astype(np.intp, copy=False).reshape(steps, batch_size)
+
+
+def _small_blas(backend: Backend) -> contextlib.AbstractContextManager[object]:
+    """One BLAS thread for the steps of a CPU backend, when threadpoolctl is installed.
+
+    A batch of 100 makes matrix products too small to share: on 2 cores the
+    idle OpenBLAS threads spin and slowed the book's loop several times over
+    (PERF-NOTES). The whole-set evaluations keep every thread.
+    """
+    if backend.array_family != "numpy":
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _run_steps(
+    net: TwoLayerNet, X: Any, labels: Any, indices: np.ndarray, lr: float, gradient: str
+) -> np.ndarray:
+    """Run ``len(indices)`` SGD steps on the backend; the batch losses, on the host."""
+    backend = net.backend
+    if gradient != "numerical-naive":
+        losses = backend.two_layer_sgd_steps(
+            net.params, X, labels, backend.asarray(indices), lr, gradient
+        )
+        return backend.to_numpy(losses).astype(np.float64, copy=False)
+    host_losses = np.empty(len(indices))
+    for step, rows in enumerate(indices):
+        X_batch, labels_batch = X[backend.asarray(rows)], labels[backend.asarray(rows)]
+        host_losses[step] = float(backend.two_layer_loss(net.params, X_batch, labels_batch))
+        grads = net.numerical_gradient_float64(X_batch, labels_batch, "naive")
+        for name in PARAM_NAMES:
+            net.params[name] -= (lr * grads[name]).astype(net.dtype, copy=False)
+    return host_losses
+
+
+def _check_finite(losses: np.ndarray, done: int, lr: float, history: TrainingHistory) -> None:
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        step = int(bad[0])
+        history.losses.extend(losses[:step].tolist())
+        raise TrainingDivergedError(
+            f"training diverged: the batch loss of iteration {done + step + 1} is "
+            f"{losses[step]}; try a smaller learning rate than {lr}",
+            history,
+        )
+
+
+def _check_parameters(net: TwoLayerNet, lr: float, history: TrainingHistory) -> None:
+    xp = net.backend.xp
+    if not all(bool(xp.isfinite(net.params[name]).all()) for name in PARAM_NAMES):
+        raise TrainingDivergedError(
+            f"training diverged: the parameters hold NaN or infinite values after "
+            f"{len(history.losses)} iterations; try a smaller learning rate than {lr}",
+            history,
+        )

@@ -1,0 +1,85 @@
+"""The chapter's figures render headless and write real PNG files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fastgrad.train import EpochRecord, TrainingHistory
+
+pytest.importorskip("matplotlib")
+
+from fastgrad import plot
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def history() -> TrainingHistory:
+    return TrainingHistory(
+        losses=[2.3 * 0.99**i for i in range(200)],
+        epochs=[EpochRecord(float(e), 50 * e, 0.1 + 0.2 * e, 0.1 + 0.19 * e) for e in range(5)],
+        config={
+            "layer_sizes": [784, 50, 10],
+            "backend": "numpy",
+            "dtype": "float64",
+            "lr": 0.1,
+            "batch_size": 100,
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        plot.plot_tangent_lines,
+        plot.plot_gradient_field,
+        plot.plot_gradient_descent,
+        lambda path: plot.plot_loss(history(), path),
+        lambda path: plot.plot_accuracy(history(), path),
+        lambda path: plot.plot_history(history(), path),
+    ],
+    ids=["tangent", "field", "descent", "loss", "accuracy", "history"],
+)
+def test_figures_write_png(tmp_path, draw):
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "figure.png"
+    figure = draw(path)
+    assert isinstance(figure, Figure)
+    content = path.read_bytes()
+    assert content.startswith(PNG_SIGNATURE) and len(content) > 5_000
+
+
+def test_figures_without_a_path_write_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plot.plot_tangent_lines()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gradient_field_arrows_point_downhill():
+    quiver = plot.plot_gradient_field().axes[0].collections[0]
+    offsets, (u, v) = quiver.get_offsets(), (quiver.U, quiver.V)
+    # The negative gradient of x0² + x1² points at the origin: -2x.
+    assert (offsets[:, 0] * u <= 1e-9).all() and (offsets[:, 1] * v <= 1e-9).all()
+
+
+def test_descent_path_starts_at_the_start_and_approaches_zero():
+    line = plot.plot_gradient_descent().axes[0].lines[-1]
+    xs, ys = line.get_xdata(), line.get_ydata()
+    assert (xs[0], ys[0]) == (-3.0, 4.0) and abs(xs[-1]) < 0.1 and abs(ys[-1]) < 0.1
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"pip install 'fastgrad\[plot\]'"):
+        plot.plot_tangent_lines()
+
+
+def test_importing_fastgrad_and_plot_does_not_import_matplotlib():
+    code = "import sys, fastgrad, fastgrad.plot, fastgrad.cli; print('matplotlib' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
