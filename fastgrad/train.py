@@ -269,7 +269,9 @@ def train(
     )
     # Compile before the clock of the steps starts (the naive loop has nothing to compile).
     if gradient != "numerical-naive":
-        history.warmup_time = backend.warmup(net.dtype)
+        history.warmup_time = backend.warmup(
+            net.dtype, "numerical" if gradient == "numerical" else "backprop"
+        )
 
     def evaluate(iteration: int) -> None:
         train_acc = float(backend.two_layer_accuracy(net.params, X_train, labels_train))

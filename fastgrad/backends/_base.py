@@ -95,10 +95,11 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work; CPU backends have none."""
 
-    def warmup(self, dtype: Any = np.float64) -> float:
-        """Compile ahead whatever a training run needs; returns seconds spent.
+    def warmup(self, dtype: Any = np.float64, gradient: str = "backprop") -> float:
+        """Compile ahead what a training run with ``gradient`` needs; returns seconds spent.
 
-        Backends without a compiler have nothing to do.
+        ``gradient`` is ``"backprop"``, ``"numerical"`` or ``"all"``. Backends
+        without a compiler have nothing to do.
         """
         return 0.0
 

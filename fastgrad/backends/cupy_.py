@@ -156,12 +156,14 @@ class CupyBackend(Backend):
             "cuda driver": _version(cupy.cuda.runtime.driverGetVersion()),
         }
 
-    def warmup(self, dtype: Any = np.float64) -> float:
+    def warmup(self, dtype: Any = np.float64, gradient: str = "all") -> float:
         """Compile every kernel a training run uses for ``dtype``; returns seconds.
 
         Runs a tiny training step, a loss and a numerical gradient on the
         device, so NVRTC compilation, cuBLAS handle creation and the memory
         pool's first allocations happen here and not in a timed loop.
+        ``gradient`` is accepted for the common interface: the kernels are few
+        and small, so all of them are compiled whatever it says.
         """
         start = time.perf_counter()
         resolved = np.dtype(dtype)

@@ -1,0 +1,1036 @@
+"""Module-level Numba kernels of the ``"numba"`` backend (float32 and float64).
+
+Rule of this module: every kernel is a plain ``@njit`` function over NumPy
+arrays, compiled once per dtype and cached on disk (``cache=True``). Only the
+numerical gradients are ``parallel=True`` (prange over per-thread chunks):
+a training step is ~0.1-0.5 ms of work, too little for per-step thread
+wake-ups on two cores, and cached parallel kernels compile and load slower
+(numba#8085), so the fused training loops are serial.
+
+``fastmath`` is off by default, so results follow IEEE rules like NumPy's.
+Set ``FASTGRAD_NUMBA_FASTMATH=1`` before fastgrad loads this module to
+compile with ``fastmath=True`` (reassociated sums, no NaN/inf guarantees).
+Clear the cache (``fastgrad/backends/__pycache__``) or point
+``NUMBA_CACHE_DIR`` elsewhere when switching, so neither variant is loaded
+for the other.
+
+Sparse inputs: MNIST pixels are ~81 % zeros, so the kernels that multiply by
+an input matrix skip its zeros (``x @ W1`` and ``x.T @ dZ`` over non-zeros
+only). The sums are the same as the dense ones up to reassociation, because
+adding ``0 * w`` changes nothing (except that ``0 * inf`` would be NaN: a
+non-finite weight is already a diverged run).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from numba import njit, prange
+
+FASTMATH = os.environ.get("FASTGRAD_NUMBA_FASTMATH", "").strip() == "1"
+
+# error_model="numpy": division by zero gives inf/NaN like NumPy, instead of a
+# Python exception that costs a check on every division in the hot loops.
+_serial = njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
+_parallel = njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
+
+# The shifted-expansion path of the numerical gradient is used while
+# h * max|x| * max(1, spread of a W2 row) stays below this; see
+# ``numerical_prepare`` for the error bound it buys.
+TAYLOR_MAX_SHIFT = 1e-3
+
+
+# ------------------------------------------------------------------ scalars
+@_serial
+def _sigmoid(value):
+    # The textbook form (3x faster compiled than the reference's branch on
+    # the sign, which mispredicts); it differs from the exp(-|x|) form by
+    # about an ulp. Far below zero exp(-x) would overflow (an OverflowError
+    # in plain Python under NUMBA_DISABLE_JIT=1), and there sigmoid(x) is
+    # exp(x) to the last bit: this branch is almost never taken, so it is
+    # predicted for free.
+    if value < -708.0:
+        return math.exp(value)
+    return 1.0 / (1.0 + math.exp(-value))
+
+
+# ------------------------------------------------------------- elementwise
+@_serial
+def sigmoid(x, out):
+    """``out[k] = sigmoid(x[k])`` on flat contiguous arrays."""
+    for k in range(x.shape[0]):
+        out[k] = _sigmoid(np.float64(x[k]))
+
+
+@_serial
+def sigmoid_grad(x, out):
+    for k in range(x.shape[0]):
+        s = _sigmoid(np.float64(x[k]))
+        out[k] = (1.0 - s) * s
+
+
+@_serial
+def softmax(x, out):
+    """Row softmax of a 2-D array, shifted by the row maximum."""
+    rows, cols = x.shape
+    for n in range(rows):
+        top = -np.inf
+        for c in range(cols):
+            top = max(top, np.float64(x[n, c]))
+        total = 0.0
+        for c in range(cols):
+            e = math.exp(np.float64(x[n, c]) - top)
+            out[n, c] = e
+            total += e
+        scale = 1.0 / total
+        for c in range(cols):
+            out[n, c] = np.float64(out[n, c]) * scale
+
+
+# ------------------------------------------------------------------ losses
+# All losses accumulate in float64 whatever the input dtype, and return a
+# Python float.
+@_serial
+def mean_squared_error(y, t):
+    total = 0.0
+    for k in range(y.shape[0]):
+        d = np.float64(y[k]) - np.float64(t[k])
+        total += d * d
+    return 0.5 * total
+
+
+@_serial
+def cross_entropy_labels(y, labels, guard):
+    total = 0.0
+    for n in range(y.shape[0]):
+        total += np.log(np.float64(y[n, labels[n]]) + guard)
+    return -total / y.shape[0]
+
+
+@_serial
+def cross_entropy_dense(y, t, guard):
+    total = 0.0
+    for n in range(y.shape[0]):
+        for c in range(y.shape[1]):
+            # math.log raises on negatives in nopython mode; np.log gives NaN
+            # like the reference (the public API turns NaN into a ValueError).
+            total += np.float64(t[n, c]) * np.log(np.float64(y[n, c]) + guard)
+    return -total / y.shape[0]
+
+
+@_serial
+def _log_sum_exp(z, n):
+    top = -np.inf
+    for c in range(z.shape[1]):
+        top = max(top, np.float64(z[n, c]))
+    total = 0.0
+    for c in range(z.shape[1]):
+        total += math.exp(np.float64(z[n, c]) - top)
+    return top + math.log(total)
+
+
+@_serial
+def softmax_cross_entropy_labels(z, labels):
+    total = 0.0
+    for n in range(z.shape[0]):
+        total += _log_sum_exp(z, n) - np.float64(z[n, labels[n]])
+    return total / z.shape[0]
+
+
+@_serial
+def softmax_cross_entropy_dense(z, t):
+    total = 0.0
+    for n in range(z.shape[0]):
+        lse = _log_sum_exp(z, n)
+        for c in range(z.shape[1]):
+            total += np.float64(t[n, c]) * (lse - np.float64(z[n, c]))
+    return total / z.shape[0]
+
+
+@_serial
+def softmax_cross_entropy_grad_labels(z, labels, dz):
+    """Loss; ``dz`` gets ``(softmax(z) - onehot) / N``."""
+    batch_size = z.shape[0]
+    inv_batch = 1.0 / batch_size
+    total = 0.0
+    for n in range(batch_size):
+        lse = _log_sum_exp(z, n)
+        label = labels[n]
+        total += lse - np.float64(z[n, label])
+        for c in range(z.shape[1]):
+            p = math.exp(np.float64(z[n, c]) - lse)
+            dz[n, c] = ((p - 1.0) if c == label else p) * inv_batch
+    return total * inv_batch
+
+
+@_serial
+def softmax_cross_entropy_grad_dense(z, t, dz):
+    batch_size = z.shape[0]
+    inv_batch = 1.0 / batch_size
+    total = 0.0
+    for n in range(batch_size):
+        lse = _log_sum_exp(z, n)
+        mass = 0.0
+        for c in range(z.shape[1]):
+            mass += np.float64(t[n, c])
+        for c in range(z.shape[1]):
+            target = np.float64(t[n, c])
+            log_p = np.float64(z[n, c]) - lse
+            total -= target * log_p
+            # soft targets: d/dz of -sum_c t_c log p_c is p * sum(t) - t
+            dz[n, c] = (math.exp(log_p) * mass - target) * inv_batch
+    return total * inv_batch
+
+
+# ---------------------------------------------------------- two-layer net
+@_serial
+def _hidden_row(x, n, W1, b1, hidden_row):
+    """``hidden_row = x[n] @ W1 + b1`` over the non-zeros of ``x[n]`` (pre-activation)."""
+    for j in range(W1.shape[1]):
+        hidden_row[j] = b1[j]
+    for i in range(x.shape[1]):
+        v = x[n, i]
+        if v != 0:
+            for j in range(W1.shape[1]):
+                hidden_row[j] += v * W1[i, j]
+
+
+@_serial
+def _forward_rows(x, first, last, W1, b1, W2, b2, logits, hidden_row, logit_row):
+    hidden_size, classes = W2.shape
+    for n in range(first, last):
+        _hidden_row(x, n, W1, b1, hidden_row)
+        for j in range(hidden_size):
+            hidden_row[j] = _sigmoid(np.float64(hidden_row[j]))
+        for c in range(classes):
+            logit_row[c] = b2[c]
+        for j in range(hidden_size):
+            hv = hidden_row[j]
+            for c in range(classes):
+                logit_row[c] += hv * W2[j, c]
+        for c in range(classes):
+            logits[n, c] = logit_row[c]
+
+
+@_serial
+def two_layer_logits(x, first, last, W1, b1, W2, b2, logits):
+    """Logits of rows ``first:last`` of ``x``, written to the same rows of ``logits``.
+
+    Serial and ``nogil``: the backend runs row blocks of large inputs in
+    Python threads, each writing only its own rows (no parfor, so no
+    parallel-compile cost for a kernel this simple).
+    """
+    hidden_row = np.empty(W1.shape[1], W1.dtype)
+    logit_row = np.empty(W2.shape[1], W2.dtype)
+    _forward_rows(x, first, last, W1, b1, W2, b2, logits, hidden_row, logit_row)
+
+
+@_serial
+def _compact_row(x, n, col_row, val_row):
+    """Non-zeros of ``x[n]`` into ``col_row/val_row``; returns how many.
+
+    Branch-free: every element is written and the cursor moves only past
+    non-zeros (mispredicted branches on pixel edges cost more).
+    """
+    count = 0
+    for i in range(x.shape[1]):
+        v = x[n, i]
+        col_row[count] = i
+        val_row[count] = v
+        count += v != 0
+    return count
+
+
+@_serial
+def _sample_pass(
+    cols, vals, count, b, label, W1, b1, W2, b2, hidden, dpre, dlogits, logit, inv_batch
+):
+    """Forward and backward of one training row, given as its non-zeros, as batch row ``b``.
+
+    Returns its loss; leaves its hidden activations in ``hidden[b]``,
+    ``dL/dlogits`` in ``dlogits[b]`` and ``dL/d(pre-activation)`` in
+    ``dpre[b]`` (of the batch mean, via ``inv_batch``). Writes batch row
+    ``b`` of those arrays and nothing else.
+    """
+    hidden_size = W1.shape[1]
+    classes = W2.shape[1]
+    row = hidden[b]
+    for j in range(hidden_size):
+        row[j] = b1[j]
+    # Four inputs per pass over the row: a quarter of the loads and stores
+    # of ``row``, the products summed in pairs (a reassociation of x @ W1).
+    k = 0
+    while k + 4 <= count:
+        w0 = W1[cols[k]]
+        w1 = W1[cols[k + 1]]
+        w2 = W1[cols[k + 2]]
+        w3 = W1[cols[k + 3]]
+        v0 = vals[k]
+        v1 = vals[k + 1]
+        v2 = vals[k + 2]
+        v3 = vals[k + 3]
+        for j in range(hidden_size):
+            row[j] += (v0 * w0[j] + v1 * w1[j]) + (v2 * w2[j] + v3 * w3[j])
+        k += 4
+    while k < count:
+        w0 = W1[cols[k]]
+        v0 = vals[k]
+        for j in range(hidden_size):
+            row[j] += v0 * w0[j]
+        k += 1
+    for j in range(hidden_size):
+        row[j] = _sigmoid(np.float64(row[j]))
+    for c in range(classes):
+        logit[c] = b2[c]
+    for j in range(hidden_size):
+        hv = np.float64(row[j])
+        for c in range(classes):
+            logit[c] += hv * W2[j, c]
+    top = -np.inf
+    for c in range(classes):
+        top = max(top, logit[c])
+    label_logit = logit[label]
+    total = 0.0
+    for c in range(classes):
+        logit[c] = math.exp(logit[c] - top)
+        total += logit[c]
+    for c in range(classes):
+        p = logit[c] / total
+        dlogits[b, c] = ((p - 1.0) if c == label else p) * inv_batch
+    for j in range(hidden_size):
+        back = 0.0
+        for c in range(classes):
+            back += np.float64(dlogits[b, c]) * W2[j, c]
+        hv = np.float64(row[j])
+        dpre[b, j] = back * hv * (1.0 - hv)
+    return top + math.log(total) - label_logit
+
+
+@_serial
+def _small_grads(hidden, dpre, dlogits, gb1, gW2, gb2):
+    """``gb1 = sum(dpre)``, ``gW2 = hidden.T @ dlogits``, ``gb2 = sum(dlogits)``."""
+    batch_size, hidden_size = hidden.shape
+    classes = dlogits.shape[1]
+    gb1[:] = 0
+    gW2[:] = 0
+    gb2[:] = 0
+    for b in range(batch_size):
+        for j in range(hidden_size):
+            gb1[j] += dpre[b, j]
+            hv = hidden[b, j]
+            for c in range(classes):
+                gW2[j, c] += hv * dlogits[b, c]
+        for c in range(classes):
+            gb2[c] += dlogits[b, c]
+
+
+@_serial
+def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
+    """Backprop over all rows of ``x``; fills the gradients, returns the loss."""
+    batch_size, features = x.shape
+    hidden_size, classes = W2.shape
+    cols = np.empty((batch_size, features), np.int32)
+    vals = np.empty((batch_size, features), W1.dtype)
+    counts = np.empty(batch_size, np.int64)
+    hidden = np.empty((batch_size, hidden_size), W1.dtype)
+    dpre = np.empty((batch_size, hidden_size), W1.dtype)
+    dlogits = np.empty((batch_size, classes), W1.dtype)
+    logit = np.empty(classes)
+    inv_batch = 1.0 / batch_size
+    loss = 0.0
+    for n in range(batch_size):
+        counts[n] = _compact_row(x, n, cols[n], vals[n])
+        loss += _sample_pass(
+            cols[n],
+            vals[n],
+            counts[n],
+            n,
+            labels[n],
+            W1,
+            b1,
+            W2,
+            b2,
+            hidden,
+            dpre,
+            dlogits,
+            logit,
+            inv_batch,
+        )
+    _small_grads(hidden, dpre, dlogits, gb1, gW2, gb2)
+    gW1[:] = 0
+    for b in range(batch_size):
+        for k in range(counts[b]):
+            i = cols[b, k]
+            v = vals[b, k]
+            for j in range(hidden_size):
+                gW1[i, j] += v * dpre[b, j]
+    return loss * inv_batch
+
+
+@_serial
+def _update_row(w, first, last, entry_samples, entry_values, scaled_dpre):
+    """``w -= sum_e value_e * scaled_dpre[sample_e]`` over entries ``first:last``, 4 at a time."""
+    hidden_size = w.shape[0]
+    e = first
+    while e + 4 <= last:
+        d0 = scaled_dpre[entry_samples[e]]
+        d1 = scaled_dpre[entry_samples[e + 1]]
+        d2 = scaled_dpre[entry_samples[e + 2]]
+        d3 = scaled_dpre[entry_samples[e + 3]]
+        v0 = entry_values[e]
+        v1 = entry_values[e + 1]
+        v2 = entry_values[e + 2]
+        v3 = entry_values[e + 3]
+        for j in range(hidden_size):
+            w[j] -= (v0 * d0[j] + v1 * d1[j]) + (v2 * d2[j] + v3 * d3[j])
+        e += 4
+    while e < last:
+        d0 = scaled_dpre[entry_samples[e]]
+        v0 = entry_values[e]
+        for j in range(hidden_size):
+            w[j] -= v0 * d0[j]
+        e += 1
+
+
+@_serial
+def _csr_rows(x):
+    """All non-zeros of ``x`` row by row: ``starts (rows+1,)``, ``columns``, ``values``."""
+    rows, features = x.shape
+    starts = np.empty(rows + 1, np.int64)
+    starts[0] = 0
+    for n in range(rows):
+        count = 0
+        for i in range(features):
+            count += x[n, i] != 0
+        starts[n + 1] = starts[n] + count
+    columns = np.empty(starts[rows], np.int32)
+    values = np.empty(starts[rows], x.dtype)
+    for n in range(rows):
+        at = starts[n]
+        for i in range(features):
+            v = x[n, i]
+            if v != 0:
+                columns[at] = i
+                values[at] = v
+                at += 1
+    return starts, columns, values
+
+
+@_serial
+def sgd_steps_backprop(x, labels, batch_indices, W1, b1, W2, b2, lr, losses):
+    """``len(batch_indices)`` SGD steps by backprop, in place; ``lr`` of the params' dtype.
+
+    When the steps visit at least as many rows as ``x`` has, the non-zeros of
+    all of ``x`` are listed once up front (CSR, one pass) and each step reads
+    only its rows' lists; otherwise each batch row is compacted as it comes.
+
+    The ``W1`` update is applied per non-zero input (``W1[i] -= lr*x[n,i]*dpre[n]``)
+    rather than through a dense ``x.T @ dpre``: all-zero input columns get no
+    update at all, exactly as ``W1 -= lr * 0`` leaves them.
+
+    Serial on purpose: a step is ~0.1 ms of work, and per-step parallel
+    regions (measured) lose more to thread wake-ups than they gain on two
+    cores, collapse when the cores are shared, and make the kernel slower to
+    compile and to load from the cache.
+    """
+    steps, batch_size = batch_indices.shape
+    rows, features = x.shape
+    hidden_size = W1.shape[1]
+    classes = W2.shape[1]
+    dtype = W1.dtype
+    listed = steps * batch_size >= rows
+    if listed:
+        starts, all_columns, all_values = _csr_rows(x)
+    else:
+        starts = np.empty(1, np.int64)
+        all_columns = np.empty(0, np.int32)
+        all_values = np.empty(0, dtype)
+    cols = np.empty((batch_size, features), np.int32)
+    vals = np.empty((batch_size, features), dtype)
+    counts = np.empty(batch_size, np.int64)
+    offsets = np.zeros(batch_size, np.int64)
+    feature_starts = np.empty(features + 1, np.int64)
+    fill = np.empty(features, np.int64)
+    entry_samples = np.empty(batch_size * features, np.int64)
+    entry_values = np.empty(batch_size * features, dtype)
+    hidden = np.empty((batch_size, hidden_size), dtype)
+    dpre = np.empty((batch_size, hidden_size), dtype)
+    dlogits = np.empty((batch_size, classes), dtype)
+    gb1 = np.empty(hidden_size, dtype)
+    gW2 = np.empty((hidden_size, classes), dtype)
+    gb2 = np.empty(classes, dtype)
+    logit = np.empty(classes)
+    inv_batch = 1.0 / batch_size
+    for step in range(steps):
+        total = 0.0
+        for b in range(batch_size):
+            n = batch_indices[step, b]
+            if listed:
+                offsets[b] = starts[n]
+                counts[b] = starts[n + 1] - starts[n]
+                row_cols = all_columns[starts[n] : starts[n + 1]]
+                row_vals = all_values[starts[n] : starts[n + 1]]
+            else:
+                counts[b] = _compact_row(x, n, cols[b], vals[b])
+                row_cols = cols[b]
+                row_vals = vals[b]
+            total += _sample_pass(
+                row_cols,
+                row_vals,
+                counts[b],
+                b,
+                labels[n],
+                W1,
+                b1,
+                W2,
+                b2,
+                hidden,
+                dpre,
+                dlogits,
+                logit,
+                inv_batch,
+            )
+        losses[step] = total * inv_batch
+        _small_grads(hidden, dpre, dlogits, gb1, gW2, gb2)
+        # Regroup the batch's non-zeros by input feature (a counting sort, in
+        # batch order within a feature) so that each W1 row is loaded once
+        # per step and updated four samples at a time.
+        for i in range(features + 1):
+            feature_starts[i] = 0
+        for b in range(batch_size):
+            d = dpre[b]
+            for j in range(hidden_size):
+                d[j] *= lr
+            row_cols = all_columns[offsets[b] :] if listed else cols[b]
+            for k in range(counts[b]):
+                feature_starts[row_cols[k] + 1] += 1
+        for i in range(features):
+            feature_starts[i + 1] += feature_starts[i]
+            fill[i] = feature_starts[i]
+        for b in range(batch_size):
+            row_cols = all_columns[offsets[b] :] if listed else cols[b]
+            row_vals = all_values[offsets[b] :] if listed else vals[b]
+            for k in range(counts[b]):
+                i = row_cols[k]
+                entry_samples[fill[i]] = b
+                entry_values[fill[i]] = row_vals[k]
+                fill[i] += 1
+        for i in range(features):
+            _update_row(
+                W1[i], feature_starts[i], feature_starts[i + 1], entry_samples, entry_values, dpre
+            )
+        for j in range(hidden_size):
+            b1[j] -= lr * gb1[j]
+            for c in range(classes):
+                W2[j, c] -= lr * gW2[j, c]
+        for c in range(classes):
+            b2[c] -= lr * gb2[c]
+
+
+# ------------------------------------------------- numerical gradient (fast)
+# The fast numerical gradient never re-runs the network per perturbation: a
+# perturbation of W1[i, j] or b1[j] moves one hidden unit of the samples whose
+# input i is non-zero, one of W2[j, k] or b2[k] moves one logit, and each
+# sample's loss change is formed from that small move directly.
+@_serial
+def _forward64(x, labels, W1, b1, W2, b2, pre, hidden, probabilities):
+    """float64 forward pass keeping pre-activations, activations and softmax.
+
+    Returns the batch-mean loss (log-sum-exp form, as the reference's).
+    """
+    batch_size = x.shape[0]
+    hidden_size, classes = W2.shape
+    loss = 0.0
+    for n in range(batch_size):
+        _hidden_row(x, n, W1, b1, pre[n])
+        for j in range(hidden_size):
+            hidden[n, j] = _sigmoid(pre[n, j])
+        for c in range(classes):
+            probabilities[n, c] = b2[c]
+        for j in range(hidden_size):
+            for c in range(classes):
+                probabilities[n, c] += hidden[n, j] * W2[j, c]
+        top = -np.inf
+        for c in range(classes):
+            top = max(top, probabilities[n, c])
+        total = 0.0
+        label_logit = probabilities[n, labels[n]]
+        for c in range(classes):
+            probabilities[n, c] = math.exp(probabilities[n, c] - top)
+            total += probabilities[n, c]
+        for c in range(classes):
+            probabilities[n, c] /= total
+        loss += top + math.log(total) - label_logit
+    return loss / batch_size
+
+
+@_serial
+def _expansion_applies(x, W2, h, max_shift):
+    """Whether ``h * max(1, max|x|) * max(1, widest W2 row) <= max_shift``.
+
+    That product bounds the expansion's small parameter; see
+    ``numerical_prepare`` for the error it buys.
+    """
+    biggest = 1.0
+    for n in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            biggest = max(biggest, abs(x[n, i]))
+    spread = 1.0
+    for j in range(W2.shape[0]):
+        low = np.inf
+        high = -np.inf
+        for c in range(W2.shape[1]):
+            low = min(low, W2[j, c])
+            high = max(high, W2[j, c])
+        spread = max(spread, high - low)
+    return h * biggest * spread <= max_shift
+
+
+@_serial
+def _hidden_coefficients(hidden, probabilities, labels, W2, h, first_order, third_order):
+    """Per (sample n, hidden unit j) coefficients of the shifted expansion.
+
+    Moving hidden pre-activation ``a`` by ``s`` moves the hidden unit by
+    ``δ(s) = σ1 s + σ2 s²/2 + σ3 s³/6 + ...`` (σk: k-th derivative of the
+    sigmoid at ``a``) and the sample's loss by ``g(δ) = log Σ_c p_c e^{δ w_c} -
+    δ w_label`` with ``w = W2[j]``: the cumulant generating function of ``w``
+    under ``p``, ``g(δ) = (κ1 - w_label) δ + κ2 δ²/2 + κ3 δ³/6 + O(δ⁴)``. The
+    odd part of ``g(δ(s))`` is ``G1 s + G3 s³ + O(s⁵)`` with
+
+        G1 = (κ1 - w_label) σ1
+        G3 = (κ1 - w_label) σ3 / 6 + κ2 σ1 σ2 / 2 + κ3 σ1³ / 6
+
+    so the central difference of one sample, ``(g(δ(s)) - g(δ(-s))) / 2h`` with
+    ``s = h x``, is ``x G1 + h² x³ G3 + O(h⁴ x⁵)``. ``first_order`` gets G1 and
+    ``third_order`` gets ``h² G3``.
+    """
+    batch_size, hidden_size = hidden.shape
+    classes = W2.shape[1]
+    h2 = h * h
+    for n in range(batch_size):
+        label = labels[n]
+        for j in range(hidden_size):
+            mean = 0.0
+            for c in range(classes):
+                mean += probabilities[n, c] * W2[j, c]
+            second = 0.0
+            third = 0.0
+            for c in range(classes):
+                centred = W2[j, c] - mean
+                weighted = probabilities[n, c] * centred * centred
+                second += weighted
+                third += weighted * centred
+            y = hidden[n, j]
+            s1 = y * (1.0 - y)
+            s2 = s1 * (1.0 - 2.0 * y)
+            s3 = s1 * (1.0 - 6.0 * s1)
+            drift = mean - W2[j, label]
+            first_order[n, j] = drift * s1
+            third_order[n, j] = h2 * (
+                drift * s3 / 6.0 + 0.5 * second * s1 * s2 + third * s1 * s1 * s1 / 6.0
+            )
+
+
+@_serial
+def _exact_hidden_diff(pre, hidden, probabilities, label, W2, n, j, step):
+    """``L_n(a + step) - L_n(a - step)`` for hidden unit ``j`` of sample ``n``, exactly.
+
+    The loss changes are formed from the small logit changes with
+    ``log1p``/``expm1`` (as in the reference), never as a difference of losses.
+    """
+    classes = W2.shape[1]
+    base = hidden[n, j]
+    up_change = _sigmoid(pre[n, j] + step) - base
+    down_change = _sigmoid(pre[n, j] - step) - base
+    up = 0.0
+    down = 0.0
+    for c in range(classes):
+        up += probabilities[n, c] * math.expm1(up_change * W2[j, c])
+        down += probabilities[n, c] * math.expm1(down_change * W2[j, c])
+    label_weight = W2[j, label]
+    return (math.log1p(up) - up_change * label_weight) - (
+        math.log1p(down) - down_change * label_weight
+    )
+
+
+@_serial
+def _output_gradients(hidden, probabilities, labels, h, expansion, gW2, gb2):
+    """Central differences of ``W2`` and ``b2`` (the caller divides by N).
+
+    Moving logit ``k`` by ``d`` moves a sample's loss by ``K(d) - d t_k`` with
+    ``K(d) = log(1 + p_k (e^d - 1))``, the cumulant generating function of a
+    Bernoulli(p_k); its odd part is ``p d + κ3 d³/6 + κ5 d⁵/120 + ...`` with
+    ``κ3 = p(1-p)(1-2p)`` and ``|κ5| < 0.04``, so the central difference with
+    ``d = h y`` is ``y (p - t) + h² y³ κ3 / 6`` up to ``h⁴ y⁵ / 3000``
+    (< 1e-19 at h = 1e-4, |y| <= 1).
+    """
+    batch_size, hidden_size = hidden.shape
+    classes = probabilities.shape[1]
+    gW2[:] = 0.0
+    gb2[:] = 0.0
+    h2 = h * h
+    inv_2h = 1.0 / (2.0 * h)
+    for n in range(batch_size):
+        label = labels[n]
+        for c in range(classes):
+            p = probabilities[n, c]
+            target = 1.0 if c == label else 0.0
+            if expansion:
+                slope = p - target
+                curve = h2 * p * (1.0 - p) * (1.0 - 2.0 * p) / 6.0
+                gb2[c] += slope + curve
+                for j in range(hidden_size):
+                    y = hidden[n, j]
+                    gW2[j, c] += y * (slope + curve * y * y)
+            else:
+                gb2[c] += _exact_output_diff(p, target, h) * inv_2h
+                for j in range(hidden_size):
+                    gW2[j, c] += _exact_output_diff(p, target, h * hidden[n, j]) * inv_2h
+
+
+@_serial
+def _exact_output_diff(p, target, step):
+    up = math.log1p(p * math.expm1(step))
+    down = math.log1p(p * math.expm1(-step))
+    return up - down - 2.0 * step * target
+
+
+@_serial
+def input_gradient_rows(
+    x,
+    first,
+    last,
+    pre,
+    hidden,
+    probabilities,
+    labels,
+    W2,
+    h,
+    expansion,
+    first_order,
+    third_order,
+    gW1,
+):
+    """Rows ``first:last`` of the ``W1`` central differences, times N.
+
+    Only samples whose input is non-zero contribute; each element sums its
+    samples in increasing order, whatever the rows a caller asks for.
+    """
+    batch_size, hidden_size = pre.shape
+    inv_2h = 1.0 / (2.0 * h)
+    for i in range(first, last):
+        for j in range(hidden_size):
+            gW1[i, j] = 0.0
+    for n in range(batch_size):
+        label = labels[n]
+        for i in range(first, last):
+            v = x[n, i]
+            if v == 0:
+                continue
+            if expansion:
+                cube = v * v * v
+                for j in range(hidden_size):
+                    gW1[i, j] += v * first_order[n, j] + cube * third_order[n, j]
+            else:
+                step = h * v
+                for j in range(hidden_size):
+                    gW1[i, j] += (
+                        _exact_hidden_diff(pre, hidden, probabilities, label, W2, n, j, step)
+                        * inv_2h
+                    )
+
+
+@_parallel
+def input_gradients_parallel(
+    x, bounds, pre, hidden, probabilities, labels, W2, h, expansion, first_order, third_order, gW1
+):
+    """``input_gradient_rows`` over feature chunks ``bounds[c]:bounds[c + 1]`` in parallel.
+
+    Each chunk owns a disjoint block of rows of ``gW1`` and its scratch is
+    private (loop locals only): no two threads ever write the same memory,
+    so there is no race and no reduction whose order depends on the threads.
+    """
+    for chunk in prange(bounds.shape[0] - 1):
+        input_gradient_rows(
+            x,
+            bounds[chunk],
+            bounds[chunk + 1],
+            pre,
+            hidden,
+            probabilities,
+            labels,
+            W2,
+            h,
+            expansion,
+            first_order,
+            third_order,
+            gW1,
+        )
+
+
+@_serial
+def balanced_bounds(x, chunks):
+    """Feature boundaries cutting the non-zeros of ``x`` into ``chunks`` equal shares."""
+    features = x.shape[1]
+    per_feature = np.zeros(features, np.int64)
+    for n in range(x.shape[0]):
+        for i in range(features):
+            if x[n, i] != 0:
+                per_feature[i] += 1
+    total = 0
+    for i in range(features):
+        total += per_feature[i]
+    bounds = np.empty(chunks + 1, np.int64)
+    bounds[0] = 0
+    chunk = 1
+    running = 0
+    for i in range(features):
+        running += per_feature[i]
+        while chunk < chunks and running * chunks >= total * chunk:
+            bounds[chunk] = i + 1
+            chunk += 1
+    while chunk <= chunks:
+        bounds[chunk] = features
+        chunk += 1
+    return bounds
+
+
+@_serial
+def numerical_prepare(
+    x, labels, W1, b1, W2, b2, h, max_shift, pre, hidden, probabilities, first_order, third_order
+):
+    """Forward pass and per-(sample, hidden unit) coefficients; float64 throughout.
+
+    Returns ``(expansion, loss)``: whether the shifted expansion applies
+    (``_expansion_applies``) and the batch loss. Error bound of the
+    expansion: the dropped terms are ``O(h⁴ x⁵)``; their coefficients grow
+    like ``spread⁵`` (cumulants of a W2 row) and like the sigmoid's Taylor
+    coefficients (radius of convergence π), so relative to the gradient they
+    stay below ``(max_shift / π)⁴ ≈ 1e-14`` at the default ``max_shift =
+    1e-3``. At MNIST scale (h = 1e-4, x <= 1, spread ~1) they are ~1e-20,
+    far below the ~1e-12 rounding error of the book's loop itself.
+    """
+    loss = _forward64(x, labels, W1, b1, W2, b2, pre, hidden, probabilities)
+    expansion = _expansion_applies(x, W2, h, max_shift)
+    if expansion:
+        _hidden_coefficients(hidden, probabilities, labels, W2, h, first_order, third_order)
+    return expansion, loss
+
+
+@_serial
+def numerical_finish(
+    pre,
+    hidden,
+    probabilities,
+    labels,
+    W2,
+    h,
+    expansion,
+    first_order,
+    third_order,
+    gW1,
+    gb1,
+    gW2,
+    gb2,
+):
+    """``b1``, ``W2`` and ``b2`` differences, then every gradient divided by N."""
+    batch_size, hidden_size = pre.shape
+    inv_2h = 1.0 / (2.0 * h)
+    for j in range(hidden_size):
+        gb1[j] = 0.0
+    # b1[j] is W1[i, j] with an input of 1 for every sample.
+    for n in range(batch_size):
+        for j in range(hidden_size):
+            if expansion:
+                gb1[j] += first_order[n, j] + third_order[n, j]
+            else:
+                gb1[j] += (
+                    _exact_hidden_diff(pre, hidden, probabilities, labels[n], W2, n, j, h) * inv_2h
+                )
+    _output_gradients(hidden, probabilities, labels, h, expansion, gW2, gb2)
+    inv_batch = 1.0 / batch_size
+    gW1 *= inv_batch
+    gb1 *= inv_batch
+    gW2 *= inv_batch
+    gb2 *= inv_batch
+
+
+@_serial
+def sgd_steps_numerical(x, labels, batch_indices, W1, b1, W2, b2, lr, h, max_shift, losses):
+    """SGD steps driven by the fast numerical gradient (float64 arithmetic), serial.
+
+    As the reference loop: the gradient is computed in float64 from the
+    parameters before the step and subtracted times ``lr``. Each step's loss
+    is that of the float64 forward pass (the reference measures it in the
+    parameters' dtype: the same for float64, within float32 rounding else).
+    Serial on purpose: at ~1 ms a step a thread launch buys little, and a
+    parallel kernel here would cost seconds of compile time and slower cache
+    loads.
+    """
+    steps, batch_size = batch_indices.shape
+    features, hidden_size = W1.shape
+    classes = W2.shape[1]
+    batch = np.empty((batch_size, features))
+    batch_labels = np.empty(batch_size, np.int64)
+    W1_64 = np.empty((features, hidden_size))
+    b1_64 = np.empty(hidden_size)
+    W2_64 = np.empty((hidden_size, classes))
+    b2_64 = np.empty(classes)
+    gW1 = np.empty((features, hidden_size))
+    gb1 = np.empty(hidden_size)
+    gW2 = np.empty((hidden_size, classes))
+    gb2 = np.empty(classes)
+    pre = np.empty((batch_size, hidden_size))
+    hidden = np.empty((batch_size, hidden_size))
+    probabilities = np.empty((batch_size, classes))
+    first_order = np.empty((batch_size, hidden_size))
+    third_order = np.empty((batch_size, hidden_size))
+    for step in range(steps):
+        for b in range(batch_size):
+            n = batch_indices[step, b]
+            batch_labels[b] = labels[n]
+            for i in range(features):
+                batch[b, i] = x[n, i]
+        # Element loops, not ``W1_64[:] = W1``: Numba's broadcasting
+        # assignment drags in seconds of compile for its error message.
+        for i in range(features):
+            for j in range(hidden_size):
+                W1_64[i, j] = W1[i, j]
+        for j in range(hidden_size):
+            b1_64[j] = b1[j]
+            for c in range(classes):
+                W2_64[j, c] = W2[j, c]
+        for c in range(classes):
+            b2_64[c] = b2[c]
+        expansion, losses[step] = numerical_prepare(
+            batch,
+            batch_labels,
+            W1_64,
+            b1_64,
+            W2_64,
+            b2_64,
+            h,
+            max_shift,
+            pre,
+            hidden,
+            probabilities,
+            first_order,
+            third_order,
+        )
+        input_gradient_rows(
+            batch,
+            0,
+            features,
+            pre,
+            hidden,
+            probabilities,
+            batch_labels,
+            W2_64,
+            h,
+            expansion,
+            first_order,
+            third_order,
+            gW1,
+        )
+        numerical_finish(
+            pre,
+            hidden,
+            probabilities,
+            batch_labels,
+            W2_64,
+            h,
+            expansion,
+            first_order,
+            third_order,
+            gW1,
+            gb1,
+            gW2,
+            gb2,
+        )
+        for i in range(features):
+            for j in range(hidden_size):
+                W1[i, j] -= lr * gW1[i, j]
+        for j in range(hidden_size):
+            b1[j] -= lr * gb1[j]
+            for c in range(classes):
+                W2[j, c] -= lr * gW2[j, c]
+        for c in range(classes):
+            b2[c] -= lr * gb2[c]
+
+
+# --------------------------------------------- black-box numerical gradient
+# Not cached: these take the user's compiled ``f`` as an argument, so they
+# are compiled once per ``f`` (and per dtype/ndim of ``x``) in each process.
+@njit(parallel=True, nogil=True, error_model="numpy")
+def parallel_numerical_gradient(f, x, step, h, central, base_value, chunks):
+    """Central (or forward) differences of a compiled scalar ``f`` at ``x``.
+
+    The elements are cut into per-thread chunks; every chunk perturbs its own
+    private copy of ``x`` (so ``x`` itself is never written, and no thread
+    sees another's perturbation) and writes only its own range of ``grad``.
+    ``step`` is ``h`` in ``x``'s dtype (the perturbation, as ``x + h`` would
+    round it); the quotient divides by the float64 ``h``, as the reference does.
+    """
+    size = x.size
+    grad = np.empty(size, x.dtype)
+    for chunk in prange(chunks):
+        first = size * chunk // chunks
+        last = size * (chunk + 1) // chunks
+        work = x.copy()
+        flat = work.reshape(size)
+        for k in range(first, last):
+            original = flat[k]
+            flat[k] = original + step
+            plus = np.float64(f(work))
+            if central:
+                flat[k] = original - step
+                minus = np.float64(f(work))
+                grad[k] = (plus - minus) / (2.0 * h)
+            else:
+                grad[k] = (plus - base_value) / h
+            flat[k] = original
+    return grad.reshape(x.shape)
+
+
+@njit(parallel=True, nogil=True, error_model="numpy")
+def parallel_numerical_gradient_batched(f, x, step, h, central, base_value, chunk_size):
+    """Batched differences of a compiled ``f`` mapping ``(k, *x.shape) -> (k,)``.
+
+    Chunk ``m`` stacks ``count`` copies of ``x``, copy ``r`` moved at element
+    ``start + r``; chunks run in parallel, each on its own private stack, and
+    write only their own range of ``grad``. Returns ``(grad, wrong_length)``:
+    ``wrong_length`` is the length ``f`` returned when it was not ``count``
+    (the chunk is then skipped and the caller raises), else -1.
+    """
+    flat = x.reshape(x.size)
+    size = flat.shape[0]
+    grad = np.zeros(size, x.dtype)
+    chunks = (size + chunk_size - 1) // chunk_size
+    wrong = np.full(chunks, -1, np.int64)
+    for chunk in prange(chunks):
+        start = chunk * chunk_size
+        stop = min(start + chunk_size, size)
+        count = stop - start
+        stack = np.empty((count, size), x.dtype)
+        for r in range(count):
+            stack[r] = flat
+            stack[r, start + r] = flat[start + r] + step
+        plus = f(stack.reshape((count, *x.shape)))
+        if plus.shape[0] != count:
+            wrong[chunk] = plus.shape[0]
+            continue
+        if central:
+            for r in range(count):
+                stack[r, start + r] = flat[start + r] - step
+            minus = f(stack.reshape((count, *x.shape)))
+            if minus.shape[0] != count:
+                wrong[chunk] = minus.shape[0]
+                continue
+            for r in range(count):
+                grad[start + r] = (plus[r] - minus[r]) / (2.0 * h)
+        else:
+            for r in range(count):
+                grad[start + r] = (plus[r] - base_value) / h
+    return grad.reshape(x.shape), wrong.max()
