@@ -14,9 +14,7 @@ asked for and are never dependencies of fastgrad.
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from fastgrad._book_reference import BookTwoLayerNet, book_train
 from fastgrad._book_reference import numerical_gradient as book_numerical_gradient
 from fastgrad.backends import Backend, get_backend
 from fastgrad.backends._base import PARAM_NAMES, Params
+from fastgrad.data import load_mnist, read_idx
 
 __all__ = [
     "BOOK",
@@ -37,6 +36,7 @@ __all__ = [
     "Case",
     "Dataset",
     "WorkloadFactory",
+    "embedded_mnist",
     "find_mnist",
     "num_params",
     "peer_unavailable_reason",
@@ -107,24 +107,25 @@ def synthetic_mnist(num_samples: int = 10_000, seed: int = 0) -> Dataset:
     return Dataset(images, labels.astype(np.int64), f"synthetic MNIST-like (seed {seed})")
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """One gzipped IDX file (the MNIST format): magic, dimensions, then uint8 data."""
-    with gzip.open(path, "rb") as stream:
-        data = stream.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def read_mnist(directory: str | Path, kind: str = "train") -> Dataset:
     """MNIST's ``train`` or ``t10k`` split from a folder of the four ``.gz`` IDX files."""
     folder = Path(directory)
-    images = _read_idx(folder / f"{kind}-images-idx3-ubyte.gz")
-    labels = _read_idx(folder / f"{kind}-labels-idx1-ubyte.gz")
+    images = read_idx(folder / f"{kind}-images-idx3-ubyte.gz")
+    labels = read_idx(folder / f"{kind}-labels-idx1-ubyte.gz")
     return Dataset(
         images.reshape(images.shape[0], -1), labels.astype(np.int64), f"MNIST {kind} ({folder})"
+    )
+
+
+def embedded_mnist(num_samples: int = 10_000) -> Dataset:
+    """The first ``num_samples`` (at most 10,000) training images of the embedded subset.
+
+    Real MNIST pixels, so the sparse kernels see MNIST's own pattern of zeros,
+    and no download or folder is needed.
+    """
+    (images, labels), _ = load_mnist(normalize=False, subset="mini")
+    return Dataset(
+        images[:num_samples], labels[:num_samples].astype(np.int64), "MNIST (embedded subset)"
     )
 
 

@@ -212,6 +212,10 @@ class TwoLayerNet:
         self, X: Any, labels: Any, method: str = "fast", h: float = 1e-4
     ) -> Params:
         """Float64 numerical gradients for inputs already prepared by the caller."""
+        with self.backend.single_threaded_blas():
+            return self._numerical_gradient_float64(X, labels, method, h)
+
+    def _numerical_gradient_float64(self, X: Any, labels: Any, method: str, h: float) -> Params:
         backend = self.backend
         if method == "fast":
             return backend.two_layer_numerical_gradient(self.params, X, labels, h)

@@ -10,7 +10,6 @@ same numbers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -297,7 +296,7 @@ def train(
         for first in range(0, epoch_steps, steps_per_call):
             indices = epoch_indices[first : min(first + steps_per_call, epoch_steps)]
             step_started = time.perf_counter()
-            with _small_blas(backend):
+            with backend.single_threaded_blas():
                 losses = _run_steps(net, X_train, labels_train, indices, lr, gradient)
             history.gradient_time += time.perf_counter() - step_started
             _check_finite(losses, done, lr, history)
@@ -347,22 +346,6 @@ def _draw_epoch(
     passes = -(-needed // train_size)
     order = np.concatenate([rng.permutation(train_size) for _ in range(passes)])
     return order[:needed].astype(np.intp, copy=False).reshape(steps, batch_size)
-
-
-def _small_blas(backend: Backend) -> contextlib.AbstractContextManager[object]:
-    """One BLAS thread for the steps of a CPU backend, when threadpoolctl is installed.
-
-    A batch of 100 makes matrix products too small to share: on 2 cores the
-    idle OpenBLAS threads spin and slowed the book's loop several times over
-    (PERF-NOTES). The whole-set evaluations keep every thread.
-    """
-    if backend.array_family != "numpy":
-        return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _run_steps(

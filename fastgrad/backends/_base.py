@@ -14,6 +14,7 @@ GPU backend does not have to synchronise for a value nobody asked for.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, ClassVar
@@ -102,6 +103,23 @@ class Backend:
         without a compiler have nothing to do.
         """
         return 0.0
+
+    def single_threaded_blas(self) -> contextlib.AbstractContextManager[object]:
+        """A context in which the host BLAS runs one thread (needs threadpoolctl).
+
+        The chapter's matrix products (batch 100, hidden 50) are too small to
+        split: on two cores the idle OpenBLAS threads spin, and made the book's
+        loop and the numerical gradients several times slower (PERF-NOTES).
+        Whole-set evaluations should run outside it. GPU backends have no host
+        BLAS to limit; without threadpoolctl nothing is limited.
+        """
+        if self.array_family != "numpy":
+            return contextlib.nullcontext()
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            return contextlib.nullcontext()
+        return threadpool_limits(limits=1, user_api="blas")
 
     def describe(self) -> dict[str, str]:
         """Facts for ``fastgrad info``: library versions, device, threads."""
