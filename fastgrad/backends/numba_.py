@@ -126,7 +126,9 @@ class NumbaBackend(Backend):
                 f"{getattr(numba.config, 'NUMBA_NUM_THREADS', '?')})",
                 "threading layer": layer,
                 "fastmath": "on" if kernels.FASTMATH else "off",
-                "jit compile seconds": f"{_compile_clock.seconds:.2f}",
+                "jit compile seconds": f"{_compile_clock.seconds:.2f} in this process "
+                "(kernels compile on first use or load from the on-disk cache; "
+                "backend.warmup() compiles ahead)",
             }
         )
         for dtype, seconds in self._warmup_seconds.items():
