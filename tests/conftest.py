@@ -63,3 +63,24 @@ def tolerance(dtype: np.dtype | type) -> float:
 
 def to_host(backend: fastgrad.Backend, value: object) -> np.ndarray:
     return backend.to_numpy(value) if hasattr(value, "shape") else np.asarray(value)
+
+
+def random_net(sizes, dtype=np.float64, scale=0.8, seed=0):
+    """TwoLayerNet parameters for ``sizes = (D, H, C)``, larger than the 0.01 init
+    so that every gradient is well away from zero."""
+    rng = np.random.default_rng(seed)
+    D, H, C = sizes
+    return {
+        "W1": (scale * rng.standard_normal((D, H))).astype(dtype),
+        "b1": (0.1 * rng.standard_normal(H)).astype(dtype),
+        "W2": (scale * rng.standard_normal((H, C))).astype(dtype),
+        "b2": (0.1 * rng.standard_normal(C)).astype(dtype),
+    }
+
+
+def mnist_like(batch_size, features, dtype=np.float64, seed=0):
+    """Inputs in [0, 1] with ~80% exact zeros, like MNIST pixels."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((batch_size, features))
+    x[rng.random((batch_size, features)) < 0.8] = 0.0
+    return x.astype(dtype)

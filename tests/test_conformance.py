@@ -12,7 +12,7 @@ import pytest
 
 from fastgrad.backends._base import PARAM_NAMES
 from tests import naive
-from tests.conftest import to_host, tolerance
+from tests.conftest import mnist_like, random_net, to_host, tolerance
 
 DTYPES = [np.float64, np.float32]
 BATCH_SHAPES = [(1, 10), (7, 3), (100, 10), (257, 33)]
@@ -31,25 +31,6 @@ def random_logits(shape, dtype, seed=0, scale=3.0):
 
 def random_labels(batch_size, num_classes, seed=1):
     return np.random.default_rng(seed).integers(0, num_classes, batch_size)
-
-
-def random_net(reference, sizes, dtype, seed=0, scale=0.5):
-    rng = np.random.default_rng(seed)
-    D, H, C = sizes
-    return {
-        "W1": (scale * rng.standard_normal((D, H))).astype(dtype),
-        "b1": (0.1 * rng.standard_normal(H)).astype(dtype),
-        "W2": (scale * rng.standard_normal((H, C))).astype(dtype),
-        "b2": (0.1 * rng.standard_normal(C)).astype(dtype),
-    }
-
-
-def mnist_like(batch_size, features, dtype, seed=2):
-    """Inputs in [0, 1] with ~80% exact zeros, like MNIST pixels."""
-    rng = np.random.default_rng(seed)
-    x = rng.random((batch_size, features))
-    x[rng.random((batch_size, features)) < 0.8] = 0.0
-    return x.astype(dtype)
 
 
 def on(backend, params):
@@ -140,8 +121,8 @@ NET_SIZES = [(784, 50, 10), (5, 3, 2), (37, 129, 11)]
 @pytest.mark.parametrize("sizes", NET_SIZES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("batch_size", [1, 100])
 def test_two_layer_forward_and_backprop(backend, reference, sizes, batch_size, dtype):
-    params = random_net(reference, sizes, dtype, scale=0.1)
-    X = mnist_like(batch_size, sizes[0], dtype)
+    params = random_net(sizes, dtype, scale=0.1)
+    X = mnist_like(batch_size, sizes[0], dtype, seed=2)
     labels = random_labels(batch_size, sizes[2])
     device = on(backend, params)
     Xd, Ld = backend.asarray(X), backend.asarray(labels)
@@ -169,8 +150,8 @@ def test_two_layer_forward_and_backprop(backend, reference, sizes, batch_size, d
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_two_layer_sgd_step_and_steps(backend, reference, dtype):
     sizes, lr = (60, 20, 10), 0.5
-    params = random_net(reference, sizes, dtype, scale=0.1)
-    X = mnist_like(300, sizes[0], dtype)
+    params = random_net(sizes, dtype, scale=0.1)
+    X = mnist_like(300, sizes[0], dtype, seed=2)
     labels = random_labels(300, sizes[2])
     indices = np.random.default_rng(3).integers(0, 300, (25, 32))
 
@@ -201,8 +182,8 @@ def test_two_layer_sgd_step_and_steps(backend, reference, dtype):
 
 def test_two_layer_sgd_steps_numerical(backend, reference):
     sizes = (30, 8, 5)
-    params = random_net(reference, sizes, np.float64, scale=0.3)
-    X = mnist_like(80, sizes[0], np.float64)
+    params = random_net(sizes, np.float64, scale=0.3)
+    X = mnist_like(80, sizes[0], np.float64, seed=2)
     labels = random_labels(80, sizes[2])
     indices = np.random.default_rng(4).integers(0, 80, (6, 16))
     device = on(backend, params)
@@ -227,7 +208,7 @@ def test_two_layer_sgd_steps_numerical(backend, reference):
 )
 @pytest.mark.parametrize("batch_size", [1, 13])
 def test_two_layer_numerical_gradient_equals_naive_loop(backend, sizes, batch_size, dtype):
-    params = random_net(None, sizes, dtype, scale=0.8)
+    params = random_net(sizes, dtype, scale=0.8)
     X = mnist_like(batch_size, sizes[0], dtype, seed=batch_size)
     labels = random_labels(batch_size, sizes[2])
     expected = naive.two_layer_numerical_gradient(params, X, labels)
@@ -240,8 +221,8 @@ def test_two_layer_numerical_gradient_equals_naive_loop(backend, sizes, batch_si
 
 
 def test_two_layer_numerical_gradient_chapter_size(backend, reference):
-    params = random_net(reference, (784, 50, 10), np.float64, scale=0.05)
-    X = mnist_like(100, 784, np.float64)
+    params = random_net((784, 50, 10), np.float64, scale=0.05)
+    X = mnist_like(100, 784, np.float64, seed=2)
     labels = random_labels(100, 10)
     got = backend.two_layer_numerical_gradient(
         on(backend, params), backend.asarray(X), backend.asarray(labels), 1e-4

@@ -8,13 +8,7 @@ import pytest
 import fastgrad
 from fastgrad.backends._base import PARAM_NAMES
 from tests import naive
-
-
-def mnist_like(batch_size, features, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.random((batch_size, features))
-    x[rng.random(x.shape) < 0.8] = 0.0
-    return x
+from tests.conftest import mnist_like
 
 
 def norm_relative(a, b):

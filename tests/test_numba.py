@@ -18,7 +18,7 @@ import fastgrad
 from fastgrad.backends._base import PARAM_NAMES, Backend
 from fastgrad.errors import SlowPathWarning
 from tests import naive
-from tests.conftest import backend_or_skip, tolerance
+from tests.conftest import backend_or_skip, random_net, tolerance
 
 numba = pytest.importorskip("numba")
 
@@ -70,17 +70,6 @@ def stacked_squares(stack):
 @numba.njit
 def vector_valued(a):
     return a * 2.0
-
-
-def random_net(sizes, dtype=np.float64, scale=0.8, seed=0):
-    rng = np.random.default_rng(seed)
-    D, H, C = sizes
-    return {
-        "W1": (scale * rng.standard_normal((D, H))).astype(dtype),
-        "b1": (0.1 * rng.standard_normal(H)).astype(dtype),
-        "W2": (scale * rng.standard_normal((H, C))).astype(dtype),
-        "b2": (0.1 * rng.standard_normal(C)).astype(dtype),
-    }
 
 
 def sparse_inputs(rows, features, dtype=np.float64, seed=2):
