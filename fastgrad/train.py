@@ -288,6 +288,9 @@ def train(
         report()
     rng = np.random.default_rng(seed)
     steps_per_call = _STEPS_PER_CALL[gradient] or iters_per_epoch
+    # Made once: the Numba backend lists the non-zeros of the whole set here
+    # instead of in every call below (one per epoch).
+    step_inputs = backend.training_inputs(X_train) if gradient == "backprop" else X_train
     done = 0
     while done < iters:
         # Drawn a whole epoch at a time, so chunking never changes the batches.
@@ -297,7 +300,7 @@ def train(
             indices = epoch_indices[first : min(first + steps_per_call, epoch_steps)]
             step_started = time.perf_counter()
             with backend.single_threaded_blas():
-                losses = _run_steps(net, X_train, labels_train, indices, lr, gradient)
+                losses = _run_steps(net, step_inputs, labels_train, indices, lr, gradient)
             history.gradient_time += time.perf_counter() - step_started
             _check_finite(losses, done, lr, history)
             history.losses.extend(losses.tolist())

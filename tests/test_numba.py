@@ -193,10 +193,10 @@ def test_warmup_returns_seconds_and_describe_reports_it(numba_backend):
 # float64 only: the conformance suite runs the float32 steps, and compiling
 # the float32 kernel again here would double this file's compile time.
 @pytest.mark.parametrize("dtype", [np.float64])
-@pytest.mark.parametrize("rows", [40, 500], ids=["listed-once", "compacted-per-step"])
+@pytest.mark.parametrize("rows", [40, 500], ids=["rows-drawn-again", "rows-mostly-distinct"])
 def test_fused_sgd_steps_follow_the_reference_step_by_step(numba_backend, reference, dtype, rows):
-    # 6 steps of 10 rows visit >= 40 rows (the kernel lists all non-zeros up
-    # front) but < 500 (it compacts each batch row as it comes).
+    # 60 draws from 40 rows repeat rows (each is listed once and read again);
+    # from 500 rows they are mostly distinct (most of x is never listed).
     params = random_net((33, 7, 5), dtype, scale=0.3)
     X = sparse_inputs(rows, 33, dtype)
     labels = np.random.default_rng(3).integers(0, 5, rows)
@@ -218,6 +218,43 @@ def test_fused_sgd_steps_follow_the_reference_step_by_step(numba_backend, refere
     for name in PARAM_NAMES:
         np.testing.assert_array_equal(fused[name], stepped[name])
         assert fused[name].dtype == dtype
+
+
+def test_training_inputs_list_the_nonzeros_of_every_row(numba_backend):
+    X = sparse_inputs(50, 33)
+    rows = numba_backend.training_inputs(X)
+    assert rows.shape == X.shape and rows.dtype == X.dtype
+    for n in range(X.shape[0]):
+        listed = slice(rows.starts[n], rows.starts[n + 1])
+        np.testing.assert_array_equal(rows.columns[listed], np.flatnonzero(X[n]))
+        np.testing.assert_array_equal(rows.values[listed], X[n][X[n] != 0])
+    assert rows.starts[-1] == np.count_nonzero(X)
+
+
+@pytest.mark.parametrize("param_dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("input_dtype", [np.float64, np.float32])
+def test_sgd_steps_on_training_inputs_equal_those_on_dense_x(
+    numba_backend, param_dtype, input_dtype
+):
+    # When the dtypes differ, the listed values are not used: the dense
+    # path promotes as it always does, with the same result.
+    params = random_net((33, 7, 5), param_dtype, scale=0.3)
+    X = sparse_inputs(60, 33, input_dtype)
+    labels = np.random.default_rng(3).integers(0, 5, 60)
+    indices = np.random.default_rng(4).integers(0, 60, (8, 10))
+    on_dense = copy_params(params)
+    dense_losses = numba_backend.two_layer_sgd_steps(on_dense, X, labels, indices, 0.5)
+    on_listed = copy_params(params)
+    prepared = numba_backend.training_inputs(X)
+    losses = numba_backend.two_layer_sgd_steps(on_listed, prepared, labels, indices, 0.5)
+    np.testing.assert_array_equal(losses, dense_losses)
+    for name in PARAM_NAMES:
+        np.testing.assert_array_equal(on_listed[name], on_dense[name])
+
+
+def test_training_inputs_of_the_reference_are_x_itself(reference):
+    X = sparse_inputs(5, 4)
+    assert reference.training_inputs(X) is X
 
 
 def test_fused_numerical_sgd_steps_follow_the_reference(numba_backend, reference):

@@ -395,60 +395,100 @@ def _update_row(w, first, last, entry_samples, entry_values, scaled_dpre):
 
 
 @_serial
-def _csr_rows(x):
-    """All non-zeros of ``x`` row by row: ``starts (rows+1,)``, ``columns``, ``values``."""
-    rows, features = x.shape
-    starts = np.empty(rows + 1, np.int64)
+def _fill_csr_rows(x, rows, starts, columns, values):
+    """Non-zeros of ``x[rows[k]]`` into CSR row ``k``; ``starts`` already holds the offsets.
+
+    Branch-free like ``_compact_row``: every element is written and the
+    cursor moves only past non-zeros, so ``columns``/``values`` need one
+    slot of slack past the last non-zero.
+    """
+    features = x.shape[1]
+    for k in range(rows.shape[0]):
+        n = rows[k]
+        at = starts[k]
+        for i in range(features):
+            v = x[n, i]
+            columns[at] = i
+            values[at] = v
+            at += v != 0
+
+
+@_serial
+def _csr_of(x, rows):
+    """CSR (``starts``, ``columns``, ``values``) of ``x[rows]``, row ``k`` from ``x[rows[k]]``."""
+    features = x.shape[1]
+    starts = np.empty(rows.shape[0] + 1, np.int64)
     starts[0] = 0
-    for n in range(rows):
+    for k in range(rows.shape[0]):
+        n = rows[k]
         count = 0
         for i in range(features):
             count += x[n, i] != 0
-        starts[n + 1] = starts[n] + count
-    columns = np.empty(starts[rows], np.int32)
-    values = np.empty(starts[rows], x.dtype)
-    for n in range(rows):
-        at = starts[n]
-        for i in range(features):
-            v = x[n, i]
-            if v != 0:
-                columns[at] = i
-                values[at] = v
-                at += 1
-    return starts, columns, values
+        starts[k + 1] = starts[k] + count
+    total = starts[rows.shape[0]]
+    columns = np.empty(total + 1, np.int32)
+    values = np.empty(total + 1, x.dtype)
+    _fill_csr_rows(x, rows, starts, columns, values)
+    return starts, columns[:total], values[:total]
+
+
+@_serial
+def csr_rows(x):
+    """All non-zeros of ``x`` row by row: ``starts (rows+1,)``, ``columns`` (int32), ``values``."""
+    return _csr_of(x, np.arange(x.shape[0]))
 
 
 @_serial
 def sgd_steps_backprop(x, labels, batch_indices, W1, b1, W2, b2, lr, losses):
+    """``len(batch_indices)`` SGD steps by backprop on dense ``x``, in place.
+
+    Lists the non-zeros of the rows the steps use (each distinct row once,
+    in first-use order) and runs ``sgd_steps_backprop_csr`` on that list: a
+    call that samples a whole epoch from a large ``x`` compacts only the
+    rows it draws. Callers that run many calls on the same ``x`` build
+    ``csr_rows(x)`` once and call ``sgd_steps_backprop_csr`` themselves.
+    """
+    steps, batch_size = batch_indices.shape
+    position = np.full(x.shape[0], -1, np.int64)
+    used = np.empty(steps * batch_size, np.int64)
+    local = np.empty((steps, batch_size), np.int64)
+    distinct = 0
+    for step in range(steps):
+        for b in range(batch_size):
+            n = batch_indices[step, b]
+            if position[n] < 0:
+                position[n] = distinct
+                used[distinct] = n
+                distinct += 1
+            local[step, b] = position[n]
+    used = used[:distinct]
+    starts, columns, values = _csr_of(x, used)
+    sgd_steps_backprop_csr(starts, columns, values, labels[used], local, W1, b1, W2, b2, lr, losses)
+
+
+@_serial
+def sgd_steps_backprop_csr(
+    starts, all_columns, all_values, labels, batch_indices, W1, b1, W2, b2, lr, losses
+):
     """``len(batch_indices)`` SGD steps by backprop, in place; ``lr`` of the params' dtype.
 
-    When the steps visit at least as many rows as ``x`` has, the non-zeros of
-    all of ``x`` are listed once up front (CSR, one pass) and each step reads
-    only its rows' lists; otherwise each batch row is compacted as it comes.
+    The inputs are given by their non-zeros (``csr_rows``): row ``n`` is
+    ``all_columns/all_values[starts[n]:starts[n+1]]`` and ``batch_indices``
+    index those rows. Each step reads only its rows' lists.
 
     The ``W1`` update is applied per non-zero input (``W1[i] -= lr*x[n,i]*dpre[n]``)
     rather than through a dense ``x.T @ dpre``: all-zero input columns get no
     update at all, exactly as ``W1 -= lr * 0`` leaves them.
 
-    Serial on purpose: a step is ~0.1 ms of work, and per-step parallel
-    regions (measured) lose more to thread wake-ups than they gain on two
-    cores, collapse when the cores are shared, and make the kernel slower to
-    compile and to load from the cache.
+    Serial on purpose: measured per-step parallel regions (two prange
+    phases a step) gained ~25 % on this 2-core VM, while the parallel kernel
+    took 13.7 s to compile cold and ~1 s to load from the cache (numba#8085),
+    against the 15 s and 2 s budgets.
     """
     steps, batch_size = batch_indices.shape
-    rows, features = x.shape
-    hidden_size = W1.shape[1]
+    features, hidden_size = W1.shape
     classes = W2.shape[1]
     dtype = W1.dtype
-    listed = steps * batch_size >= rows
-    if listed:
-        starts, all_columns, all_values = _csr_rows(x)
-    else:
-        starts = np.empty(1, np.int64)
-        all_columns = np.empty(0, np.int32)
-        all_values = np.empty(0, dtype)
-    cols = np.empty((batch_size, features), np.int32)
-    vals = np.empty((batch_size, features), dtype)
     counts = np.empty(batch_size, np.int64)
     offsets = np.zeros(batch_size, np.int64)
     feature_starts = np.empty(features + 1, np.int64)
@@ -467,18 +507,11 @@ def sgd_steps_backprop(x, labels, batch_indices, W1, b1, W2, b2, lr, losses):
         total = 0.0
         for b in range(batch_size):
             n = batch_indices[step, b]
-            if listed:
-                offsets[b] = starts[n]
-                counts[b] = starts[n + 1] - starts[n]
-                row_cols = all_columns[starts[n] : starts[n + 1]]
-                row_vals = all_values[starts[n] : starts[n + 1]]
-            else:
-                counts[b] = _compact_row(x, n, cols[b], vals[b])
-                row_cols = cols[b]
-                row_vals = vals[b]
+            offsets[b] = starts[n]
+            counts[b] = starts[n + 1] - starts[n]
             total += _sample_pass(
-                row_cols,
-                row_vals,
+                all_columns[starts[n] : starts[n + 1]],
+                all_values[starts[n] : starts[n + 1]],
                 counts[b],
                 b,
                 labels[n],
@@ -503,15 +536,15 @@ def sgd_steps_backprop(x, labels, batch_indices, W1, b1, W2, b2, lr, losses):
             d = dpre[b]
             for j in range(hidden_size):
                 d[j] *= lr
-            row_cols = all_columns[offsets[b] :] if listed else cols[b]
+            row_cols = all_columns[offsets[b] :]
             for k in range(counts[b]):
                 feature_starts[row_cols[k] + 1] += 1
         for i in range(features):
             feature_starts[i + 1] += feature_starts[i]
             fill[i] = feature_starts[i]
         for b in range(batch_size):
-            row_cols = all_columns[offsets[b] :] if listed else cols[b]
-            row_vals = all_values[offsets[b] :] if listed else vals[b]
+            row_cols = all_columns[offsets[b] :]
+            row_vals = all_values[offsets[b] :]
             for k in range(counts[b]):
                 i = row_cols[k]
                 entry_samples[fill[i]] = b
