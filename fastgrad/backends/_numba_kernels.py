@@ -395,25 +395,6 @@ def _update_row(w, first, last, entry_samples, entry_values, scaled_dpre):
 
 
 @_serial
-def _fill_csr_rows(x, rows, starts, columns, values):
-    """Non-zeros of ``x[rows[k]]`` into CSR row ``k``; ``starts`` already holds the offsets.
-
-    Branch-free like ``_compact_row``: every element is written and the
-    cursor moves only past non-zeros, so ``columns``/``values`` need one
-    slot of slack past the last non-zero.
-    """
-    features = x.shape[1]
-    for k in range(rows.shape[0]):
-        n = rows[k]
-        at = starts[k]
-        for i in range(features):
-            v = x[n, i]
-            columns[at] = i
-            values[at] = v
-            at += v != 0
-
-
-@_serial
 def _csr_of(x, rows):
     """CSR (``starts``, ``columns``, ``values``) of ``x[rows]``, row ``k`` from ``x[rows[k]]``."""
     features = x.shape[1]
@@ -426,9 +407,12 @@ def _csr_of(x, rows):
             count += x[n, i] != 0
         starts[k + 1] = starts[k] + count
     total = starts[rows.shape[0]]
+    # One slot of slack: _compact_row writes every element, zeros included,
+    # at the cursor, which reaches ``total`` on the last row's trailing zeros.
     columns = np.empty(total + 1, np.int32)
     values = np.empty(total + 1, x.dtype)
-    _fill_csr_rows(x, rows, starts, columns, values)
+    for k in range(rows.shape[0]):
+        _compact_row(x, rows[k], columns[starts[k] :], values[starts[k] :])
     return starts, columns[:total], values[:total]
 
 
