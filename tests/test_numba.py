@@ -113,6 +113,66 @@ def test_results_do_not_depend_on_thread_count(numba_backend, threads, monkeypat
     np.testing.assert_array_equal(one[3], two[3])
 
 
+@needs_jit
+@pytest.mark.parametrize("thread_count", [2, 3, 5])
+def test_sgd_worker_on_any_thread_count_is_bitwise_the_serial_loop(numba_backend, thread_count):
+    # More threads than cores is fine (they take turns at the barriers); the
+    # feature split is deliberately lopsided, which must not matter either.
+    from fastgrad.backends import _numba_kernels as kernels
+    from fastgrad.backends._numba_threads import run_on_threads
+
+    params = random_net((40, 9, 4), scale=0.3)
+    X = sparse_inputs(30, 40)
+    labels = np.random.default_rng(3).integers(0, 4, 30)
+    indices = np.random.default_rng(4).integers(0, 30, (7, 11))
+    starts, columns, values = kernels.csr_rows(X)
+    serial = copy_params(params)
+    serial_losses = np.empty(7)
+    kernels.sgd_steps_backprop_csr(
+        starts, columns, values, labels, indices, *serial.values(), 0.5, serial_losses
+    )
+    threaded = copy_params(params)
+    threaded_losses = np.empty(7)
+    feature_bounds = np.linspace(0, 40, thread_count + 1).astype(np.int64) ** 2 // 40
+    run_on_threads(
+        kernels.sgd_worker,
+        thread_count,
+        feature_bounds,
+        starts,
+        columns,
+        values,
+        labels,
+        indices,
+        *threaded.values(),
+        0.5,
+        threaded_losses,
+        np.empty((11, 9)),
+        np.empty((11, 9)),
+        np.empty((11, 4)),
+        np.empty(11),
+    )
+    np.testing.assert_array_equal(threaded_losses, serial_losses)
+    for name in PARAM_NAMES:
+        np.testing.assert_array_equal(threaded[name], serial[name])
+
+
+@needs_jit
+def test_a_thread_that_fails_releases_the_others_from_the_barrier():
+    from fastgrad.backends._numba_sync import barrier
+    from fastgrad.backends._numba_threads import run_on_threads
+
+    passed = []
+
+    def kernel(thread, threads, sync):
+        if thread == 1:
+            raise RuntimeError("worker 1 failed")
+        passed.append(barrier(sync, threads, 0))
+
+    with pytest.raises(RuntimeError, match="worker 1 failed"):
+        run_on_threads(kernel, 2)
+    assert passed == [False]
+
+
 # -------------------------------------------------- black-box numerical gradient
 def test_plain_python_f_warns_and_runs_the_reference_loop(numba_backend, reference):
     x = np.array([3.0, 4.0])

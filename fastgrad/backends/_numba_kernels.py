@@ -2,10 +2,11 @@
 
 Rule of this module: every kernel is a plain ``@njit`` function over NumPy
 arrays, compiled once per dtype and cached on disk (``cache=True``). Only the
-numerical gradients are ``parallel=True`` (prange over per-thread chunks):
-a training step is ~0.1-0.5 ms of work, too little for per-step thread
-wake-ups on two cores, and cached parallel kernels compile and load slower
-(numba#8085), so the fused training loops are serial.
+numerical gradients are ``parallel=True`` (prange over per-thread chunks).
+The fused training loop (``sgd_worker``) is a serial ``nogil`` kernel that
+the backend runs on several Python threads meeting at a spin barrier: a
+step is ~0.3 ms of work with two meeting points, and a cached
+``parallel=True`` kernel compiles and loads much slower (numba#8085).
 
 ``fastmath`` is off by default, so results follow IEEE rules like NumPy's.
 Set ``FASTGRAD_NUMBA_FASTMATH=1`` before fastgrad loads this module to
@@ -28,6 +29,8 @@ import os
 
 import numpy as np
 from numba import njit, prange
+
+from fastgrad.backends._numba_sync import SYNC_SLOTS, barrier
 
 FASTMATH = os.environ.get("FASTGRAD_NUMBA_FASTMATH", "").strip() == "1"
 
@@ -370,31 +373,6 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
 
 
 @_serial
-def _update_row(w, first, last, entry_samples, entry_values, scaled_dpre):
-    """``w -= sum_e value_e * scaled_dpre[sample_e]`` over entries ``first:last``, 4 at a time."""
-    hidden_size = w.shape[0]
-    e = first
-    while e + 4 <= last:
-        d0 = scaled_dpre[entry_samples[e]]
-        d1 = scaled_dpre[entry_samples[e + 1]]
-        d2 = scaled_dpre[entry_samples[e + 2]]
-        d3 = scaled_dpre[entry_samples[e + 3]]
-        v0 = entry_values[e]
-        v1 = entry_values[e + 1]
-        v2 = entry_values[e + 2]
-        v3 = entry_values[e + 3]
-        for j in range(hidden_size):
-            w[j] -= (v0 * d0[j] + v1 * d1[j]) + (v2 * d2[j] + v3 * d3[j])
-        e += 4
-    while e < last:
-        d0 = scaled_dpre[entry_samples[e]]
-        v0 = entry_values[e]
-        for j in range(hidden_size):
-            w[j] -= v0 * d0[j]
-        e += 1
-
-
-@_serial
 def _csr_of(x, rows):
     """CSR (``starts``, ``columns``, ``values``) of ``x[rows]``, row ``k`` from ``x[rows[k]]``."""
     features = x.shape[1]
@@ -423,14 +401,23 @@ def csr_rows(x):
 
 
 @_serial
-def sgd_steps_backprop(x, labels, batch_indices, W1, b1, W2, b2, lr, losses):
-    """``len(batch_indices)`` SGD steps by backprop on dense ``x``, in place.
+def column_counts(columns, features):
+    """How many listed non-zeros each input feature has (``bincount`` of ``columns``)."""
+    counts = np.zeros(features, np.int64)
+    for k in range(columns.shape[0]):
+        counts[columns[k]] += 1
+    return counts
 
-    Lists the non-zeros of the rows the steps use (each distinct row once,
-    in first-use order) and runs ``sgd_steps_backprop_csr`` on that list: a
-    call that samples a whole epoch from a large ``x`` compacts only the
-    rows it draws. Callers that run many calls on the same ``x`` build
-    ``csr_rows(x)`` once and call ``sgd_steps_backprop_csr`` themselves.
+
+@_serial
+def drawn_rows_csr(x, batch_indices):
+    """CSR of the distinct rows ``batch_indices`` draws from dense ``x``, in first-use order.
+
+    Returns ``starts, columns, values, used, local``: listed row ``r`` is
+    ``x[used[r]]`` and ``local`` is ``batch_indices`` renumbered to listed
+    rows. A call that samples an epoch from a large ``x`` lists only the
+    rows it draws; callers that run many calls on the same ``x`` build
+    ``csr_rows(x)`` once instead.
     """
     steps, batch_size = batch_indices.shape
     position = np.full(x.shape[0], -1, np.int64)
@@ -447,56 +434,120 @@ def sgd_steps_backprop(x, labels, batch_indices, W1, b1, W2, b2, lr, losses):
             local[step, b] = position[n]
     used = used[:distinct]
     starts, columns, values = _csr_of(x, used)
-    sgd_steps_backprop_csr(starts, columns, values, labels[used], local, W1, b1, W2, b2, lr, losses)
+    return starts, columns, values, used, local
 
 
 @_serial
-def sgd_steps_backprop_csr(
-    starts, all_columns, all_values, labels, batch_indices, W1, b1, W2, b2, lr, losses
+def _first_at_least(columns, low, high, value):
+    """First position in sorted ``columns[low:high]`` holding ``>= value`` (``high`` if none)."""
+    while low < high:
+        middle = (low + high) >> 1
+        if columns[middle] < value:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+@_serial
+def _subtract_outer(W1, columns, values, first, last, d, lr):
+    """``W1[columns[k]] -= lr * values[k] * d`` for ``k`` in ``first:last``, four rows a pass.
+
+    The four rows of a pass are distinct (a row's columns are), so every
+    element still gets its updates one at a time in the same order: the
+    result is bitwise that of one row per pass, with a quarter of the loop
+    overhead and of the loads of ``d``.
+    """
+    hidden_size = d.shape[0]
+    k = first
+    while k + 4 <= last:
+        w0 = W1[columns[k]]
+        w1 = W1[columns[k + 1]]
+        w2 = W1[columns[k + 2]]
+        w3 = W1[columns[k + 3]]
+        s0 = lr * values[k]
+        s1 = lr * values[k + 1]
+        s2 = lr * values[k + 2]
+        s3 = lr * values[k + 3]
+        for j in range(hidden_size):
+            dj = d[j]
+            w0[j] -= s0 * dj
+            w1[j] -= s1 * dj
+            w2[j] -= s2 * dj
+            w3[j] -= s3 * dj
+        k += 4
+    while k < last:
+        w0 = W1[columns[k]]
+        s0 = lr * values[k]
+        for j in range(hidden_size):
+            w0[j] -= s0 * d[j]
+        k += 1
+
+
+@_serial
+def sgd_worker(
+    thread,
+    threads,
+    sync,
+    feature_bounds,
+    starts,
+    all_columns,
+    all_values,
+    labels,
+    batch_indices,
+    W1,
+    b1,
+    W2,
+    b2,
+    lr,
+    losses,
+    hidden,
+    dpre,
+    dlogits,
+    row_losses,
 ):
-    """``len(batch_indices)`` SGD steps by backprop, in place; ``lr`` of the params' dtype.
+    """Thread ``thread``'s share of ``len(batch_indices)`` SGD steps by backprop, in place.
 
     The inputs are given by their non-zeros (``csr_rows``): row ``n`` is
     ``all_columns/all_values[starts[n]:starts[n+1]]`` and ``batch_indices``
-    index those rows. Each step reads only its rows' lists.
+    index those rows. ``threads`` callers run this at once on the same
+    arrays (``hidden``, ``dpre``, ``dlogits``: ``(batch, ·)`` scratch;
+    ``row_losses``: ``(batch,)``), each with its own ``thread`` number, and
+    meet at two barriers a step (``_numba_sync``):
 
-    The ``W1`` update is applied per non-zero input (``W1[i] -= lr*x[n,i]*dpre[n]``)
-    rather than through a dense ``x.T @ dpre``: all-zero input columns get no
-    update at all, exactly as ``W1 -= lr * 0`` leaves them.
+    1. Thread ``t`` runs forward and backward for its slice of the batch rows.
+    2. After the first barrier, it owns a slice of the hidden units (their
+       ``b1``, ``W2`` rows and small gradients) and the input features
+       ``feature_bounds[t]:feature_bounds[t+1]`` (their ``W1`` rows);
+       thread 0 also owns ``b2`` and the step's loss. The second barrier
+       closes the step.
 
-    Serial on purpose: measured per-step parallel regions (two prange
-    phases a step) gained ~25 % on this 2-core VM, while the parallel kernel
-    took 13.7 s to compile cold and ~1 s to load from the cache (numba#8085),
-    against the 15 s and 2 s budgets.
+    No two threads write the same element, and every sum runs in batch order
+    whatever the split, so the result is bitwise the same for any number
+    of threads. The ``W1`` update is applied per non-zero input
+    (``W1[i] -= lr*x[n,i]*dpre[n]``) rather than through a dense
+    ``x.T @ dpre``: all-zero input columns get no update at all, exactly as
+    ``W1 -= lr * 0`` leaves them.
     """
     steps, batch_size = batch_indices.shape
-    features, hidden_size = W1.shape
-    classes = W2.shape[1]
-    dtype = W1.dtype
-    counts = np.empty(batch_size, np.int64)
-    offsets = np.zeros(batch_size, np.int64)
-    feature_starts = np.empty(features + 1, np.int64)
-    fill = np.empty(features, np.int64)
-    entry_samples = np.empty(batch_size * features, np.int64)
-    entry_values = np.empty(batch_size * features, dtype)
-    hidden = np.empty((batch_size, hidden_size), dtype)
-    dpre = np.empty((batch_size, hidden_size), dtype)
-    dlogits = np.empty((batch_size, classes), dtype)
-    gb1 = np.empty(hidden_size, dtype)
-    gW2 = np.empty((hidden_size, classes), dtype)
-    gb2 = np.empty(classes, dtype)
+    hidden_size, classes = W2.shape
+    first_row = batch_size * thread // threads
+    last_row = batch_size * (thread + 1) // threads
+    first_unit = hidden_size * thread // threads
+    last_unit = hidden_size * (thread + 1) // threads
+    first_feature = feature_bounds[thread]
+    last_feature = feature_bounds[thread + 1]
     logit = np.empty(classes)
+    gW2_row = np.empty(classes)
     inv_batch = 1.0 / batch_size
+    generation = 0
     for step in range(steps):
-        total = 0.0
-        for b in range(batch_size):
+        for b in range(first_row, last_row):
             n = batch_indices[step, b]
-            offsets[b] = starts[n]
-            counts[b] = starts[n + 1] - starts[n]
-            total += _sample_pass(
+            row_losses[b] = _sample_pass(
                 all_columns[starts[n] : starts[n + 1]],
                 all_values[starts[n] : starts[n + 1]],
-                counts[b],
+                starts[n + 1] - starts[n],
                 b,
                 labels[n],
                 W1,
@@ -509,41 +560,84 @@ def sgd_steps_backprop_csr(
                 logit,
                 inv_batch,
             )
-        losses[step] = total * inv_batch
-        _small_grads(hidden, dpre, dlogits, gb1, gW2, gb2)
-        # Regroup the batch's non-zeros by input feature (a counting sort, in
-        # batch order within a feature) so that each W1 row is loaded once
-        # per step and updated four samples at a time.
-        for i in range(features + 1):
-            feature_starts[i] = 0
-        for b in range(batch_size):
-            d = dpre[b]
-            for j in range(hidden_size):
-                d[j] *= lr
-            row_cols = all_columns[offsets[b] :]
-            for k in range(counts[b]):
-                feature_starts[row_cols[k] + 1] += 1
-        for i in range(features):
-            feature_starts[i + 1] += feature_starts[i]
-            fill[i] = feature_starts[i]
-        for b in range(batch_size):
-            row_cols = all_columns[offsets[b] :]
-            row_vals = all_values[offsets[b] :]
-            for k in range(counts[b]):
-                i = row_cols[k]
-                entry_samples[fill[i]] = b
-                entry_values[fill[i]] = row_vals[k]
-                fill[i] += 1
-        for i in range(features):
-            _update_row(
-                W1[i], feature_starts[i], feature_starts[i + 1], entry_samples, entry_values, dpre
-            )
-        for j in range(hidden_size):
-            b1[j] -= lr * gb1[j]
+        if not barrier(sync, threads, generation):
+            return
+        generation += 1
+        for j in range(first_unit, last_unit):
+            gb1 = 0.0
             for c in range(classes):
-                W2[j, c] -= lr * gW2[j, c]
-        for c in range(classes):
-            b2[c] -= lr * gb2[c]
+                gW2_row[c] = 0.0
+            for b in range(batch_size):
+                gb1 += dpre[b, j]
+                hv = hidden[b, j]
+                for c in range(classes):
+                    gW2_row[c] += hv * dlogits[b, c]
+            b1[j] -= lr * gb1
+            for c in range(classes):
+                W2[j, c] -= lr * gW2_row[c]
+        if thread == 0:
+            total = 0.0
+            for b in range(batch_size):
+                total += row_losses[b]
+            losses[step] = total * inv_batch
+            for c in range(classes):
+                gb2 = 0.0
+                for b in range(batch_size):
+                    gb2 += dlogits[b, c]
+                b2[c] -= lr * gb2
+        for b in range(batch_size):
+            n = batch_indices[step, b]
+            # a row's columns are sorted: this thread's features are a slice of them
+            first = _first_at_least(all_columns, starts[n], starts[n + 1], first_feature)
+            last = _first_at_least(all_columns, first, starts[n + 1], last_feature)
+            _subtract_outer(W1, all_columns, all_values, first, last, dpre[b], lr)
+        if not barrier(sync, threads, generation):
+            return
+        generation += 1
+
+
+@_serial
+def sgd_steps_backprop_csr(
+    starts, all_columns, all_values, labels, batch_indices, W1, b1, W2, b2, lr, losses
+):
+    """``sgd_worker`` on one thread: ``len(batch_indices)`` SGD steps by backprop, in place.
+
+    ``lr`` of the params' dtype; the backend runs ``sgd_worker`` on several
+    threads instead (``_numba_threads``), with the same result.
+    """
+    batch_size = batch_indices.shape[1]
+    hidden_size, classes = W2.shape
+    dtype = W1.dtype
+    sync = np.zeros(SYNC_SLOTS, np.int64)
+    feature_bounds = np.array([0, W1.shape[0]], np.int64)
+    sgd_worker(
+        0,
+        1,
+        sync,
+        feature_bounds,
+        starts,
+        all_columns,
+        all_values,
+        labels,
+        batch_indices,
+        W1,
+        b1,
+        W2,
+        b2,
+        lr,
+        losses,
+        np.empty((batch_size, hidden_size), dtype),
+        np.empty((batch_size, hidden_size), dtype),
+        np.empty((batch_size, classes), dtype),
+        np.empty(batch_size),
+    )
+
+
+@_serial
+def sgd_steps_backprop(x, labels, batch_indices, W1, b1, W2, b2, lr, losses):
+    """``sgd_steps_backprop_csr`` on dense ``x``, listing only the rows the steps draw."""
+    starts, columns, values, used, local = drawn_rows_csr(x, batch_indices)
+    sgd_steps_backprop_csr(starts, columns, values, labels[used], local, W1, b1, W2, b2, lr, losses)
 
 
 # ------------------------------------------------- numerical gradient (fast)

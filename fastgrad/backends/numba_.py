@@ -35,6 +35,7 @@ from fastgrad.backends._base import (
     _scalar,
     _stack_values,
 )
+from fastgrad.backends._numba_threads import run_on_threads, usable_threads
 from fastgrad.errors import SlowPathWarning
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -87,7 +88,9 @@ class SparseRows:
 
     Made by ``NumbaBackend.training_inputs``; ``two_layer_sgd_steps``
     accepts it wherever it accepts the dense ``X``. Row ``n`` of ``dense``
-    has its non-zeros at ``columns/values[starts[n]:starts[n + 1]]``.
+    has its non-zeros at ``columns/values[starts[n]:starts[n + 1]]``;
+    ``column_counts[i]`` is how many rows have feature ``i`` non-zero (it
+    splits the ``W1`` update between threads).
 
     Example:
         >>> import numpy as np
@@ -101,6 +104,7 @@ class SparseRows:
     starts: np.ndarray
     columns: np.ndarray
     values: np.ndarray
+    column_counts: np.ndarray
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -342,7 +346,8 @@ class NumbaBackend(Backend):
             return X
         dense = np.ascontiguousarray(X)
         starts, columns, values = kernels.csr_rows(dense)
-        return SparseRows(dense, starts, columns, values)
+        counts = kernels.column_counts(columns, dense.shape[1])
+        return SparseRows(dense, starts, columns, values, counts)
 
     def two_layer_sgd_step(self, params: Params, X: Array, labels: Array, lr: float) -> Array:
         rows = np.arange(np.shape(X)[0], dtype=np.intp).reshape(1, -1)
@@ -377,22 +382,14 @@ class NumbaBackend(Backend):
         rows = _indices(indices, x.shape[0])
         targets = _labels(labels, W2.shape[1])
         losses = np.empty(rows.shape[0], dtype=np.float64)
-        if gradient == "backprop" and sparse is not None and sparse.values.dtype == W1.dtype:
-            kernels.sgd_steps_backprop_csr(
-                sparse.starts,
-                sparse.columns,
-                sparse.values,
-                targets,
-                rows,
-                W1,
-                b1,
-                W2,
-                b2,
-                W1.dtype.type(lr),
-                losses,
-            )
-        elif gradient == "backprop":
-            kernels.sgd_steps_backprop(x, targets, rows, W1, b1, W2, b2, W1.dtype.type(lr), losses)
+        if gradient == "backprop":
+            if sparse is not None and sparse.values.dtype == W1.dtype:
+                listed = (sparse.starts, sparse.columns, sparse.values, sparse.column_counts)
+            else:
+                starts, columns, values, used, rows = kernels.drawn_rows_csr(x, rows)
+                targets = targets[used]
+                listed = (starts, columns, values, kernels.column_counts(columns, x.shape[1]))
+            _sgd_backprop_threaded(*listed, targets, rows, (W1, b1, W2, b2), lr, losses)
         else:
             kernels.sgd_steps_numerical(
                 x,
@@ -533,6 +530,63 @@ class NumbaBackend(Backend):
 
 
 # ------------------------------------------------------------------- helpers
+def _sgd_backprop_threaded(
+    starts: np.ndarray,
+    columns: np.ndarray,
+    values: np.ndarray,
+    column_counts: np.ndarray,
+    labels: np.ndarray,
+    batch_indices: np.ndarray,
+    params: tuple[np.ndarray, ...],
+    lr: float,
+    losses: np.ndarray,
+) -> None:
+    """``kernels.sgd_worker`` on ``numba.get_num_threads()`` threads (at most one per batch row).
+
+    The features are split so that each thread's share of the ``W1``
+    update has about as many non-zeros; the result does not depend on the
+    split or on the thread count.
+    """
+    W1, b1, W2, b2 = params
+    batch_size = batch_indices.shape[1]
+    hidden_size, classes = W2.shape
+    threads = usable_threads(min(numba.get_num_threads(), batch_size))
+    run_on_threads(
+        kernels.sgd_worker,
+        threads,
+        _balanced_split(column_counts, threads),
+        starts,
+        columns,
+        values,
+        labels,
+        batch_indices,
+        W1,
+        b1,
+        W2,
+        b2,
+        W1.dtype.type(lr),
+        losses,
+        np.empty((batch_size, hidden_size), W1.dtype),
+        np.empty((batch_size, hidden_size), W1.dtype),
+        np.empty((batch_size, classes), W1.dtype),
+        np.empty(batch_size),
+    )
+
+
+def _balanced_split(counts: np.ndarray, parts: int) -> np.ndarray:
+    """``parts + 1`` bounds cutting ``range(len(counts))`` into slices of ~equal ``counts`` sum.
+
+    Example:
+        >>> _balanced_split(np.array([5, 0, 1, 1, 3]), 2).tolist()
+        [0, 1, 5]
+    """
+    prefix = np.concatenate(([0], np.cumsum(counts)))
+    targets = prefix[-1] * np.arange(parts + 1) / parts
+    bounds = np.searchsorted(prefix, targets).astype(np.int64)
+    bounds[0], bounds[-1] = 0, counts.shape[0]
+    return bounds
+
+
 def _chunks() -> int:
     """Work chunks for a parallel kernel: a few per thread, for load balance.
 
