@@ -126,31 +126,27 @@ def test_sgd_worker_on_any_thread_count_is_bitwise_the_serial_loop(numba_backend
     labels = np.random.default_rng(3).integers(0, 4, 30)
     indices = np.random.default_rng(4).integers(0, 30, (7, 11))
     starts, columns, values = kernels.csr_rows(X)
-    serial = copy_params(params)
-    serial_losses = np.empty(7)
-    kernels.sgd_steps_backprop_csr(
-        starts, columns, values, labels, indices, *serial.values(), 0.5, serial_losses
-    )
-    threaded = copy_params(params)
-    threaded_losses = np.empty(7)
-    feature_bounds = np.linspace(0, 40, thread_count + 1).astype(np.int64) ** 2 // 40
-    run_on_threads(
-        kernels.sgd_worker,
-        thread_count,
-        feature_bounds,
-        starts,
-        columns,
-        values,
-        labels,
-        indices,
-        *threaded.values(),
-        0.5,
-        threaded_losses,
-        np.empty((11, 9)),
-        np.empty((11, 9)),
-        np.empty((11, 4)),
-        np.empty(11),
-    )
+
+    def train(threads, feature_bounds):
+        trained = copy_params(params)
+        losses = np.empty(7)
+        scratch = (np.empty((11, 9)), np.empty((11, 9)), np.empty((11, 4)), np.empty(11))
+        listed = (starts, columns, values, labels, indices)
+        run_on_threads(
+            kernels.sgd_worker,
+            threads,
+            feature_bounds,
+            *listed,
+            *trained.values(),
+            0.5,
+            losses,
+            *scratch,
+        )
+        return trained, losses
+
+    serial, serial_losses = train(1, np.array([0, 40]))
+    lopsided = np.linspace(0, 40, thread_count + 1).astype(np.int64) ** 2 // 40
+    threaded, threaded_losses = train(thread_count, lopsided)
     np.testing.assert_array_equal(threaded_losses, serial_losses)
     for name in PARAM_NAMES:
         np.testing.assert_array_equal(threaded[name], serial[name])

@@ -30,7 +30,7 @@ import os
 import numpy as np
 from numba import njit, prange
 
-from fastgrad.backends._numba_sync import SYNC_SLOTS, barrier
+from fastgrad.backends._numba_sync import barrier
 
 FASTMATH = os.environ.get("FASTGRAD_NUMBA_FASTMATH", "").strip() == "1"
 
@@ -594,50 +594,6 @@ def sgd_worker(
         if not barrier(sync, threads, generation):
             return
         generation += 1
-
-
-@_serial
-def sgd_steps_backprop_csr(
-    starts, all_columns, all_values, labels, batch_indices, W1, b1, W2, b2, lr, losses
-):
-    """``sgd_worker`` on one thread: ``len(batch_indices)`` SGD steps by backprop, in place.
-
-    ``lr`` of the params' dtype; the backend runs ``sgd_worker`` on several
-    threads instead (``_numba_threads``), with the same result.
-    """
-    batch_size = batch_indices.shape[1]
-    hidden_size, classes = W2.shape
-    dtype = W1.dtype
-    sync = np.zeros(SYNC_SLOTS, np.int64)
-    feature_bounds = np.array([0, W1.shape[0]], np.int64)
-    sgd_worker(
-        0,
-        1,
-        sync,
-        feature_bounds,
-        starts,
-        all_columns,
-        all_values,
-        labels,
-        batch_indices,
-        W1,
-        b1,
-        W2,
-        b2,
-        lr,
-        losses,
-        np.empty((batch_size, hidden_size), dtype),
-        np.empty((batch_size, hidden_size), dtype),
-        np.empty((batch_size, classes), dtype),
-        np.empty(batch_size),
-    )
-
-
-@_serial
-def sgd_steps_backprop(x, labels, batch_indices, W1, b1, W2, b2, lr, losses):
-    """``sgd_steps_backprop_csr`` on dense ``x``, listing only the rows the steps draw."""
-    starts, columns, values, used, local = drawn_rows_csr(x, batch_indices)
-    sgd_steps_backprop_csr(starts, columns, values, labels[used], local, W1, b1, W2, b2, lr, losses)
 
 
 # ------------------------------------------------- numerical gradient (fast)
