@@ -207,7 +207,10 @@ class NumbaBackend(Backend):
         labels = np.arange(6) % 2
         indices = np.zeros((1, 2), dtype=np.intp)
         if gradient in ("backprop", "all"):
+            # both input forms: dense X (one-off calls) and the listed
+            # non-zeros that ``fastgrad.train`` builds once per run
             self.two_layer_sgd_steps(params, X, labels, indices, 0.01, "backprop")
+            self.two_layer_sgd_steps(params, self.training_inputs(X), labels, indices, 0.01)
         if gradient in ("numerical", "all"):
             self.two_layer_sgd_steps(params, X, labels, indices, 0.01, "numerical")
         self.two_layer_loss(params, X, labels)
