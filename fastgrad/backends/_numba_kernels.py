@@ -312,15 +312,19 @@ def _sample_pass(
 
 
 @_serial
-def _small_grads(hidden, dpre, dlogits, gb1, gW2, gb2):
-    """``gb1 = sum(dpre)``, ``gW2 = hidden.T @ dlogits``, ``gb2 = sum(dlogits)``."""
-    batch_size, hidden_size = hidden.shape
+def _small_grads(hidden, dpre, dlogits, first_unit, last_unit, gb1, gW2, gb2):
+    """``gb1 = sum(dpre)``, ``gW2 = hidden.T @ dlogits``, ``gb2 = sum(dlogits)``.
+
+    Only hidden units ``first_unit:last_unit`` of ``gb1`` and ``gW2`` are
+    written (a thread's share); sums run in batch order.
+    """
+    batch_size = hidden.shape[0]
     classes = dlogits.shape[1]
-    gb1[:] = 0
-    gW2[:] = 0
+    gb1[first_unit:last_unit] = 0
+    gW2[first_unit:last_unit] = 0
     gb2[:] = 0
     for b in range(batch_size):
-        for j in range(hidden_size):
+        for j in range(first_unit, last_unit):
             gb1[j] += dpre[b, j]
             hv = hidden[b, j]
             for c in range(classes):
@@ -361,7 +365,7 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
             logit,
             inv_batch,
         )
-    _small_grads(hidden, dpre, dlogits, gb1, gW2, gb2)
+    _small_grads(hidden, dpre, dlogits, 0, hidden_size, gb1, gW2, gb2)
     gW1[:] = 0
     for b in range(batch_size):
         for k in range(counts[b]):
@@ -538,7 +542,10 @@ def sgd_worker(
     first_feature = feature_bounds[thread]
     last_feature = feature_bounds[thread + 1]
     logit = np.empty(classes)
-    gW2_row = np.empty(classes)
+    # this thread's small gradients (only its hidden units' rows are used)
+    gb1 = np.empty(hidden_size, W1.dtype)
+    gW2 = np.empty((hidden_size, classes), W1.dtype)
+    gb2 = np.empty(classes, W1.dtype)
     inv_batch = 1.0 / batch_size
     generation = 0
     for step in range(steps):
@@ -563,28 +570,18 @@ def sgd_worker(
         if not barrier(sync, threads, generation):
             return
         generation += 1
+        _small_grads(hidden, dpre, dlogits, first_unit, last_unit, gb1, gW2, gb2)
         for j in range(first_unit, last_unit):
-            gb1 = 0.0
+            b1[j] -= lr * gb1[j]
             for c in range(classes):
-                gW2_row[c] = 0.0
-            for b in range(batch_size):
-                gb1 += dpre[b, j]
-                hv = hidden[b, j]
-                for c in range(classes):
-                    gW2_row[c] += hv * dlogits[b, c]
-            b1[j] -= lr * gb1
-            for c in range(classes):
-                W2[j, c] -= lr * gW2_row[c]
+                W2[j, c] -= lr * gW2[j, c]
         if thread == 0:
             total = 0.0
             for b in range(batch_size):
                 total += row_losses[b]
             losses[step] = total * inv_batch
             for c in range(classes):
-                gb2 = 0.0
-                for b in range(batch_size):
-                    gb2 += dlogits[b, c]
-                b2[c] -= lr * gb2
+                b2[c] -= lr * gb2[c]
         for b in range(batch_size):
             n = batch_indices[step, b]
             # a row's columns are sorted: this thread's features are a slice of them
