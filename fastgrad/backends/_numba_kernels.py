@@ -30,6 +30,7 @@ import os
 import numpy as np
 from numba import njit, prange
 
+from fastgrad.backends._numba_simd import gather_rows, scatter_rows
 from fastgrad.backends._numba_sync import barrier
 
 FASTMATH = os.environ.get("FASTGRAD_NUMBA_FASTMATH", "").strip() == "1"
@@ -248,67 +249,45 @@ def _compact_row(x, n, col_row, val_row):
 
 @_serial
 def _sample_pass(
-    cols, vals, count, b, label, W1, b1, W2, b2, hidden, dpre, dlogits, logit, inv_batch
+    cols, vals, first, last, b, label, W1, b1, W2, W2T, b2, hidden, dpre, dlogits, logit, inv_batch
 ):
-    """Forward and backward of one training row, given as its non-zeros, as batch row ``b``.
+    """Forward and backward of the row listed as ``cols/vals[first:last]``, as batch row ``b``.
 
-    Returns its loss; leaves its hidden activations in ``hidden[b]``,
-    ``dL/dlogits`` in ``dlogits[b]`` and ``dL/d(pre-activation)`` in
-    ``dpre[b]`` (of the batch mean, via ``inv_batch``). Writes batch row
-    ``b`` of those arrays and nothing else.
+    ``W2T`` is ``W2.T`` as a C-contiguous copy, so that ``dlogits @ W2.T``
+    runs along its rows. Returns the row's loss; leaves its hidden
+    activations in ``hidden[b]``, ``dL/dlogits`` in ``dlogits[b]`` and
+    ``dL/d(pre-activation)`` in ``dpre[b]`` (of the batch mean, via
+    ``inv_batch``). Writes batch row ``b`` of those arrays, ``logit``
+    (scratch of ``W2``'s dtype) and nothing else.
     """
     hidden_size = W1.shape[1]
     classes = W2.shape[1]
     row = hidden[b]
-    for j in range(hidden_size):
-        row[j] = b1[j]
-    # Four inputs per pass over the row: a quarter of the loads and stores
-    # of ``row``, the products summed in pairs (a reassociation of x @ W1).
-    k = 0
-    while k + 4 <= count:
-        w0 = W1[cols[k]]
-        w1 = W1[cols[k + 1]]
-        w2 = W1[cols[k + 2]]
-        w3 = W1[cols[k + 3]]
-        v0 = vals[k]
-        v1 = vals[k + 1]
-        v2 = vals[k + 2]
-        v3 = vals[k + 3]
-        for j in range(hidden_size):
-            row[j] += (v0 * w0[j] + v1 * w1[j]) + (v2 * w2[j] + v3 * w3[j])
-        k += 4
-    while k < count:
-        w0 = W1[cols[k]]
-        v0 = vals[k]
-        for j in range(hidden_size):
-            row[j] += v0 * w0[j]
-        k += 1
+    row[:] = b1
+    # x @ W1 over the listed non-zeros, four inputs per pass (a reassociation)
+    gather_rows(W1, row, cols, vals, first, last)
     for j in range(hidden_size):
         row[j] = _sigmoid(np.float64(row[j]))
-    for c in range(classes):
-        logit[c] = b2[c]
-    for j in range(hidden_size):
-        hv = np.float64(row[j])
-        for c in range(classes):
-            logit[c] += hv * W2[j, c]
+    logit[:] = b2
+    gather_rows(W2, logit, None, row, 0, hidden_size)
+    # softmax cross-entropy in float64, whatever the dtype
     top = -np.inf
     for c in range(classes):
-        top = max(top, logit[c])
-    label_logit = logit[label]
+        top = max(top, np.float64(logit[c]))
     total = 0.0
     for c in range(classes):
-        logit[c] = math.exp(logit[c] - top)
-        total += logit[c]
+        total += math.exp(np.float64(logit[c]) - top)
+    scale = inv_batch / total
     for c in range(classes):
-        p = logit[c] / total
-        dlogits[b, c] = ((p - 1.0) if c == label else p) * inv_batch
+        p_scaled = math.exp(np.float64(logit[c]) - top) * scale
+        dlogits[b, c] = (p_scaled - inv_batch) if c == label else p_scaled
+    back = dpre[b]
+    back[:] = 0
+    gather_rows(W2T, back, None, dlogits[b], 0, classes)
     for j in range(hidden_size):
-        back = 0.0
-        for c in range(classes):
-            back += np.float64(dlogits[b, c]) * W2[j, c]
-        hv = np.float64(row[j])
-        dpre[b, j] = back * hv * (1.0 - hv)
-    return top + math.log(total) - label_logit
+        hv = row[j]
+        back[j] = back[j] * (hv * (1 - hv))
+    return top + math.log(total) - np.float64(logit[label])
 
 
 @_serial
@@ -326,9 +305,8 @@ def _small_grads(hidden, dpre, dlogits, first_unit, last_unit, gb1, gW2, gb2):
     for b in range(batch_size):
         for j in range(first_unit, last_unit):
             gb1[j] += dpre[b, j]
-            hv = hidden[b, j]
-            for c in range(classes):
-                gW2[j, c] += hv * dlogits[b, c]
+        # gW2[j] += hidden[b, j] * dlogits[b], as W - (-1 * v) * d (exact)
+        scatter_rows(gW2, dlogits[b], None, hidden[b], first_unit, last_unit, -1.0)
         for c in range(classes):
             gb2[c] += dlogits[b, c]
 
@@ -344,7 +322,8 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
     hidden = np.empty((batch_size, hidden_size), W1.dtype)
     dpre = np.empty((batch_size, hidden_size), W1.dtype)
     dlogits = np.empty((batch_size, classes), W1.dtype)
-    logit = np.empty(classes)
+    logit = np.empty(classes, W1.dtype)
+    W2T = np.ascontiguousarray(W2.T)
     inv_batch = 1.0 / batch_size
     loss = 0.0
     for n in range(batch_size):
@@ -352,12 +331,14 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
         loss += _sample_pass(
             cols[n],
             vals[n],
+            0,
             counts[n],
             n,
             labels[n],
             W1,
             b1,
             W2,
+            W2T,
             b2,
             hidden,
             dpre,
@@ -368,11 +349,8 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
     _small_grads(hidden, dpre, dlogits, 0, hidden_size, gb1, gW2, gb2)
     gW1[:] = 0
     for b in range(batch_size):
-        for k in range(counts[b]):
-            i = cols[b, k]
-            v = vals[b, k]
-            for j in range(hidden_size):
-                gW1[i, j] += v * dpre[b, j]
+        # gW1[i] += v * dpre[b], exactly: W - (-1 * v) * d rounds as W + v * d
+        scatter_rows(gW1, dpre[b], cols[b], vals[b], 0, counts[b], -1.0)
     return loss * inv_batch
 
 
@@ -454,41 +432,6 @@ def _first_at_least(columns, low, high, value):
 
 
 @_serial
-def _subtract_outer(W1, columns, values, first, last, d, lr):
-    """``W1[columns[k]] -= lr * values[k] * d`` for ``k`` in ``first:last``, four rows a pass.
-
-    The four rows of a pass are distinct (a row's columns are), so every
-    element still gets its updates one at a time in the same order: the
-    result is bitwise that of one row per pass, with a quarter of the loop
-    overhead and of the loads of ``d``.
-    """
-    hidden_size = d.shape[0]
-    k = first
-    while k + 4 <= last:
-        w0 = W1[columns[k]]
-        w1 = W1[columns[k + 1]]
-        w2 = W1[columns[k + 2]]
-        w3 = W1[columns[k + 3]]
-        s0 = lr * values[k]
-        s1 = lr * values[k + 1]
-        s2 = lr * values[k + 2]
-        s3 = lr * values[k + 3]
-        for j in range(hidden_size):
-            dj = d[j]
-            w0[j] -= s0 * dj
-            w1[j] -= s1 * dj
-            w2[j] -= s2 * dj
-            w3[j] -= s3 * dj
-        k += 4
-    while k < last:
-        w0 = W1[columns[k]]
-        s0 = lr * values[k]
-        for j in range(hidden_size):
-            w0[j] -= s0 * d[j]
-        k += 1
-
-
-@_serial
 def sgd_worker(
     thread,
     threads,
@@ -505,6 +448,7 @@ def sgd_worker(
     b2,
     lr,
     losses,
+    W2T,
     hidden,
     dpre,
     dlogits,
@@ -515,7 +459,8 @@ def sgd_worker(
     The inputs are given by their non-zeros (``csr_rows``): row ``n`` is
     ``all_columns/all_values[starts[n]:starts[n+1]]`` and ``batch_indices``
     index those rows. ``threads`` callers run this at once on the same
-    arrays (``hidden``, ``dpre``, ``dlogits``: ``(batch, ·)`` scratch;
+    arrays (``W2T``: a C-contiguous copy of ``W2.T`` on entry, kept in step
+    with ``W2``; ``hidden``, ``dpre``, ``dlogits``: ``(batch, ·)`` scratch;
     ``row_losses``: ``(batch,)``), each with its own ``thread`` number, and
     meet at two barriers a step (``_numba_sync``):
 
@@ -541,7 +486,7 @@ def sgd_worker(
     last_unit = hidden_size * (thread + 1) // threads
     first_feature = feature_bounds[thread]
     last_feature = feature_bounds[thread + 1]
-    logit = np.empty(classes)
+    logit = np.empty(classes, W1.dtype)
     # this thread's small gradients (only its hidden units' rows are used)
     gb1 = np.empty(hidden_size, W1.dtype)
     gW2 = np.empty((hidden_size, classes), W1.dtype)
@@ -552,14 +497,16 @@ def sgd_worker(
         for b in range(first_row, last_row):
             n = batch_indices[step, b]
             row_losses[b] = _sample_pass(
-                all_columns[starts[n] : starts[n + 1]],
-                all_values[starts[n] : starts[n + 1]],
-                starts[n + 1] - starts[n],
+                all_columns,
+                all_values,
+                starts[n],
+                starts[n + 1],
                 b,
                 labels[n],
                 W1,
                 b1,
                 W2,
+                W2T,
                 b2,
                 hidden,
                 dpre,
@@ -575,6 +522,7 @@ def sgd_worker(
             b1[j] -= lr * gb1[j]
             for c in range(classes):
                 W2[j, c] -= lr * gW2[j, c]
+                W2T[c, j] = W2[j, c]
         if thread == 0:
             total = 0.0
             for b in range(batch_size):
@@ -587,7 +535,7 @@ def sgd_worker(
             # a row's columns are sorted: this thread's features are a slice of them
             first = _first_at_least(all_columns, starts[n], starts[n + 1], first_feature)
             last = _first_at_least(all_columns, first, starts[n + 1], last_feature)
-            _subtract_outer(W1, all_columns, all_values, first, last, dpre[b], lr)
+            scatter_rows(W1, dpre[b], all_columns, all_values, first, last, lr)
         if not barrier(sync, threads, generation):
             return
         generation += 1

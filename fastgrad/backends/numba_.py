@@ -569,6 +569,7 @@ def _sgd_backprop_threaded(
         b2,
         W1.dtype.type(lr),
         losses,
+        np.ascontiguousarray(W2.T),
         np.empty((batch_size, hidden_size), W1.dtype),
         np.empty((batch_size, hidden_size), W1.dtype),
         np.empty((batch_size, classes), W1.dtype),
