@@ -30,6 +30,8 @@ import os
 import numpy as np
 from numba import njit, prange
 
+from fastgrad.backends._numba_math import exp_nonpositive
+from fastgrad.backends._numba_math import sigmoid as _sigmoid
 from fastgrad.backends._numba_simd import gather_rows, scatter_rows
 from fastgrad.backends._numba_sync import barrier
 
@@ -44,20 +46,6 @@ _parallel = njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy",
 # h * max|x| * max(1, spread of a W2 row) stays below this; see
 # ``numerical_prepare`` for the error bound it buys.
 TAYLOR_MAX_SHIFT = 1e-3
-
-
-# ------------------------------------------------------------------ scalars
-@_serial
-def _sigmoid(value):
-    # The textbook form (3x faster compiled than the reference's branch on
-    # the sign, which mispredicts); it differs from the exp(-|x|) form by
-    # about an ulp. Far below zero exp(-x) would overflow (an OverflowError
-    # in plain Python under NUMBA_DISABLE_JIT=1), and there sigmoid(x) is
-    # exp(x) to the last bit: this branch is almost never taken, so it is
-    # predicted for free.
-    if value < -708.0:
-        return math.exp(value)
-    return 1.0 / (1.0 + math.exp(-value))
 
 
 # ------------------------------------------------------------- elementwise
@@ -276,10 +264,10 @@ def _sample_pass(
         top = max(top, np.float64(logit[c]))
     total = 0.0
     for c in range(classes):
-        total += math.exp(np.float64(logit[c]) - top)
+        total += exp_nonpositive(np.float64(logit[c]) - top)
     scale = inv_batch / total
     for c in range(classes):
-        p_scaled = math.exp(np.float64(logit[c]) - top) * scale
+        p_scaled = exp_nonpositive(np.float64(logit[c]) - top) * scale
         dlogits[b, c] = (p_scaled - inv_batch) if c == label else p_scaled
     back = dpre[b]
     back[:] = 0

@@ -1,0 +1,74 @@
+"""The Numba backend's vectorisable ``exp`` and ``sigmoid`` against ``math.exp``."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import math
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba", reason="numba is not installed: pip install 'fastgrad[numba]'")
+
+from fastgrad.backends._numba_math import exp_nonpositive, sigmoid  # noqa: E402
+
+pytestmark = pytest.mark.jit
+
+
+@numba.njit(error_model="numpy")
+def _exp_all(x, out):
+    for i in range(x.shape[0]):
+        out[i] = exp_nonpositive(x[i])
+
+
+@numba.njit(error_model="numpy")
+def _sigmoid_all(x, out):
+    for i in range(x.shape[0]):
+        out[i] = sigmoid(x[i])
+
+
+def _ulps(got, expected):
+    return np.abs(got - expected) / np.spacing(np.abs(expected))
+
+
+def test_exp_is_within_one_ulp_of_libm_over_the_whole_range():
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [-rng.random(200_000) * 746, -rng.random(100_000) * 2, np.linspace(-745.2, 0, 100_001)]
+    )
+    got = np.empty_like(x)
+    _exp_all(x, got)
+    expected = np.array([math.exp(v) for v in x])
+    normal = expected >= np.finfo(np.float64).tiny
+    assert _ulps(got[normal], expected[normal]).max() <= 1.0
+    # gradual underflow: off by at most one denormal step
+    assert np.abs(got[~normal] - expected[~normal]).max() <= 5e-324
+    assert got[-1] == 1.0  # exp(0) exactly
+
+
+def test_exp_special_values():
+    x = np.array([-np.inf, -1e308, -745.2, np.nan, -0.0])
+    got = np.empty_like(x)
+    _exp_all(x, got)
+    assert got[:3].tolist() == [0.0, 0.0, 0.0]
+    assert np.isnan(got[3]) and got[4] == 1.0
+
+
+def test_sigmoid_matches_the_stable_form_to_a_few_ulps():
+    x = np.concatenate([np.random.default_rng(1).standard_normal(100_000) * 20, [-740.0, 740.0]])
+    got = np.empty_like(x)
+    _sigmoid_all(x, got)
+    exp_neg = np.array([math.exp(-abs(v)) for v in x])
+    expected = np.where(x >= 0, 1 / (1 + exp_neg), exp_neg / (1 + exp_neg))
+    assert _ulps(got, expected).max() <= 3.0
+    special = np.array([np.nan, np.inf, -np.inf, 0.0])
+    _sigmoid_all(special, out := np.empty(4))
+    assert np.isnan(out[0]) and out[1:].tolist() == [1.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize("module_name", ["_numba_math", "_numba_simd"])
+def test_docstring_examples(module_name):
+    module = importlib.import_module(f"fastgrad.backends.{module_name}")
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
