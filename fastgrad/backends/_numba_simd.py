@@ -81,8 +81,9 @@ def _splat(builder, scalar, vector_type):
 class _Operands:
     """Element access to the arrays of one call, and the block's vector type."""
 
-    def __init__(self, context, builder, signature, args, width):
+    def __init__(self, context, builder, signature, args, width, cols_at, vals_at):
         self.builder = builder
+        self.cols_at, self.vals_at = cols_at, vals_at
         self.intp = context.get_value_type(types.intp)
         self.arrays = {}
         self.values = {}
@@ -110,7 +111,11 @@ class _Operands:
 
     def row_of(self, k):
         """The row of ``W`` that listed input ``k`` multiplies: ``cols[k]``, or ``k`` if no cols."""
-        return self.element(3, k) if 3 in self.arrays else k
+        return self.element(self.cols_at, k) if self.cols_at in self.arrays else k
+
+    def value_at(self, k):
+        """``vals[k]``."""
+        return self.element(self.vals_at, k)
 
     def element(self, position, offset):
         """Load ``array[offset]`` of a 1-d argument; integers come back as ``intp``."""
@@ -172,104 +177,187 @@ def _counted_loop(builder, start, stop, step, carried, body):
 
 
 # ------------------------------------------------------------ the blocks
-def _gather_block(width: int):
-    """``row[j0:j0+width] += sum_k vals[k] * W[cols[k], j0:j0+width]``, ``k`` in ``first:last``."""
+# A block kernel takes ``W, out, *offsets, cols, vals, first, last[, lr]``:
+# one offset ``j0`` (the block ``j0:j0+width``), or two, ``j0`` and ``j1``,
+# handled in one pass over the inputs. Two blocks may overlap (``j1`` <
+# ``j0 + width``): that is how a row of 50 is covered by 32-wide blocks at
+# 0 and 18 with no narrow remainder pass. The overlap gets each update once.
+def _positions(blocks: int) -> dict[str, object]:
+    offsets = list(range(2, 2 + blocks))
+    after = 2 + blocks
+    return {
+        "offsets": offsets,
+        "cols": after,
+        "vals": after + 1,
+        "first": after + 2,
+        "last": after + 3,
+        "lr": after + 4,
+    }
+
+
+def _python_rows(W, cols):
+    return range(W.shape[0]) if cols is None else cols
+
+
+def _gather_block(width: int, blocks: int):
+    """``row[b:b+width] += sum_k vals[k] * W[cols[k], b:b+width]`` for each block start ``b``."""
     if _JIT_DISABLED:
 
-        def gather_python(W, row, j0, cols, vals, first, last):
-            block = slice(j0, j0 + width)
-            cols = range(W.shape[0]) if cols is None else cols
-            quads_end = first + ((last - first) // 4) * 4
-            for k in range(first, quads_end, 4):
-                pair_01 = vals[k] * W[cols[k], block] + vals[k + 1] * W[cols[k + 1], block]
-                pair_23 = vals[k + 2] * W[cols[k + 2], block] + vals[k + 3] * W[cols[k + 3], block]
-                row[block] += pair_01 + pair_23
-            for k in range(quads_end, last):
-                row[block] += vals[k] * W[cols[k], block]
+        def gather_python(W, row, *args):
+            offsets, (cols, vals, first, last) = args[:blocks], args[blocks:]
+            cols = _python_rows(W, cols)
+            # every block sums from the row as it was, so an overlap is not added twice
+            start = row.copy()
+            for j0 in offsets:
+                block = slice(j0, j0 + width)
+                total = start[block].copy()
+                quads_end = first + ((last - first) // 4) * 4
+                for k in range(first, quads_end, 4):
+                    pair_01 = vals[k] * W[cols[k], block] + vals[k + 1] * W[cols[k + 1], block]
+                    pair_23 = (
+                        vals[k + 2] * W[cols[k + 2], block] + vals[k + 3] * W[cols[k + 3], block]
+                    )
+                    total += pair_01 + pair_23
+                for k in range(quads_end, last):
+                    total += vals[k] * W[cols[k], block]
+                row[block] = total
 
         return gather_python
 
-    @intrinsic
-    def gather(typingctx, W, row, j0, cols, vals, first, last):
+    where = _positions(blocks)
+
+    def typer(W, row, cols, vals, arguments):
         _check_operands(W, cols, vals, row, "row")
-        signature = types.void(W, row, j0, cols, vals, first, last)
+        return types.void(*arguments)
 
-        def codegen(context, builder, sig, args):
-            ops = _Operands(context, builder, sig, args, width)
-            j0, first, last = ops.index(2), ops.index(5), ops.index(6)
-            out = ops.block_pointer(1, None, j0)
+    def codegen(context, builder, sig, args):
+        ops = _Operands(context, builder, sig, args, width, where["cols"], where["vals"])
+        starts = [ops.index(position) for position in where["offsets"]]
+        first, last = ops.index(where["first"]), ops.index(where["last"])
+        outs = [ops.block_pointer(1, None, j0) for j0 in starts]
 
-            def product(k):
-                weights = ops.load(ops.block_pointer(0, ops.row_of(k), j0))
-                return builder.fmul(_splat(builder, ops.element(4, k), ops.vector), weights)
+        def products(k):
+            rows = ops.row_of(k)
+            scale = _splat(builder, ops.value_at(k), ops.vector)
+            return [builder.fmul(scale, ops.load(ops.block_pointer(0, rows, j0))) for j0 in starts]
 
-            def four(k, values):
-                (sum_,) = values
-                step = [product(builder.add(k, llvm_ir.Constant(ops.intp, i))) for i in range(4)]
-                pairs = builder.fadd(builder.fadd(step[0], step[1]), builder.fadd(step[2], step[3]))
-                return [builder.fadd(sum_, pairs)]
+        def four(k, sums):
+            step = [products(builder.add(k, llvm_ir.Constant(ops.intp, i))) for i in range(4)]
+            updated = []
+            for b, sum_ in enumerate(sums):
+                pair_01 = builder.fadd(step[0][b], step[1][b])
+                pair_23 = builder.fadd(step[2][b], step[3][b])
+                updated.append(builder.fadd(sum_, builder.fadd(pair_01, pair_23)))
+            return updated
 
-            def one(k, values):
-                return [builder.fadd(values[0], product(k))]
+        def one(k, sums):
+            return [builder.fadd(sum_, term) for sum_, term in zip(sums, products(k), strict=True)]
 
-            quads_end = builder.add(
-                first, builder.and_(builder.sub(last, first), llvm_ir.Constant(ops.intp, -4))
-            )
-            total = _counted_loop(builder, first, quads_end, 4, [ops.load(out)], four)
-            total = _counted_loop(builder, quads_end, last, 1, total, one)
-            ops.store(total[0], out)
-            return context.get_dummy_value()
+        quads_end = builder.add(
+            first, builder.and_(builder.sub(last, first), llvm_ir.Constant(ops.intp, -4))
+        )
+        sums = _counted_loop(builder, first, quads_end, 4, [ops.load(out) for out in outs], four)
+        sums = _counted_loop(builder, quads_end, last, 1, sums, one)
+        # overlapping lanes hold the same value in both sums
+        for sum_, out in zip(sums, outs, strict=True):
+            ops.store(sum_, out)
+        return context.get_dummy_value()
 
-        return signature, codegen
+    if blocks == 1:
+
+        @intrinsic
+        def gather(typingctx, W, row, j0, cols, vals, first, last):
+            return typer(W, row, cols, vals, (W, row, j0, cols, vals, first, last)), codegen
+
+    else:
+
+        @intrinsic
+        def gather(typingctx, W, row, j0, j1, cols, vals, first, last):
+            return typer(W, row, cols, vals, (W, row, j0, j1, cols, vals, first, last)), codegen
 
     return gather
 
 
-def _scatter_block(width: int):
-    """``W[cols[k], j0:j0+width] -= (lr * vals[k]) * d[j0:j0+width]``, ``k`` in ``first:last``."""
+def _scatter_block(width: int, blocks: int):
+    """``W[cols[k], b:b+width] -= (lr * vals[k]) * d[b:b+width]`` for each block start ``b``."""
     if _JIT_DISABLED:
 
-        def scatter_python(W, d, j0, cols, vals, first, last, lr):
-            block = slice(j0, j0 + width)
+        def scatter_python(W, d, *args):
+            offsets, (cols, vals, first, last, lr) = args[:blocks], args[blocks:]
             rate = W.dtype.type(lr)
-            cols = range(W.shape[0]) if cols is None else cols
+            cols = _python_rows(W, cols)
             for k in range(first, last):
-                W[cols[k], block] -= (rate * vals[k]) * d[block]
+                done = 0  # columns below this are already updated for input k
+                for j0 in offsets:
+                    block = slice(max(j0, done), j0 + width)
+                    W[cols[k], block] -= (rate * vals[k]) * d[block]
+                    done = j0 + width
 
         return scatter_python
 
-    @intrinsic
-    def scatter(typingctx, W, d, j0, cols, vals, first, last, lr):
+    where = _positions(blocks)
+
+    def typer(W, d, cols, vals, lr, arguments):
         _check_operands(W, cols, vals, d, "d")
         if not isinstance(lr, (types.Float, types.Integer)):
             raise TypingError(f"lr must be a real scalar, got {lr}")
-        signature = types.void(W, d, j0, cols, vals, first, last, lr)
+        return types.void(*arguments)
 
-        def codegen(context, builder, sig, args):
-            ops = _Operands(context, builder, sig, args, width)
-            j0, first, last, rate = ops.index(2), ops.index(5), ops.index(6), ops.scalar(7)
-            step = ops.load(ops.block_pointer(1, None, j0))
+    def codegen(context, builder, sig, args):
+        ops = _Operands(context, builder, sig, args, width, where["cols"], where["vals"])
+        starts = [ops.index(position) for position in where["offsets"]]
+        first, last = ops.index(where["first"]), ops.index(where["last"])
+        rate = ops.scalar(where["lr"])
+        steps = [ops.load(ops.block_pointer(1, None, j0)) for j0 in starts]
+        if blocks == 2:
+            # lanes of the second block that the first one covers step by 0,
+            # which leaves them as the first block wrote them
+            overlap = builder.sub(builder.add(starts[0], ops.intp(width)), starts[1])
+            lane = llvm_ir.Constant(llvm_ir.VectorType(ops.intp, width), list(range(width)))
+            covered = builder.icmp_signed("<", lane, _splat(builder, overlap, lane.type))
+            steps[1] = builder.select(covered, llvm_ir.Constant(ops.vector, None), steps[1])
 
-            def one(k, values):
-                weights_at = ops.block_pointer(0, ops.row_of(k), j0)
-                scale = _splat(builder, builder.fmul(rate, ops.element(4, k)), ops.vector)
-                ops.store(builder.fsub(ops.load(weights_at), builder.fmul(scale, step)), weights_at)
-                return []
+        def one(k, values):
+            rows = ops.row_of(k)
+            scale = _splat(builder, builder.fmul(rate, ops.value_at(k)), ops.vector)
+            places = [ops.block_pointer(0, rows, j0) for j0 in starts]
+            # all loads before any store: the blocks may share lanes
+            updated = [
+                builder.fsub(ops.load(place), builder.fmul(scale, step))
+                for place, step in zip(places, steps, strict=True)
+            ]
+            for place, value in reversed(list(zip(places, updated, strict=True))):
+                ops.store(value, place)
+            return []
 
-            _counted_loop(builder, first, last, 1, [], one)
-            return context.get_dummy_value()
+        _counted_loop(builder, first, last, 1, [], one)
+        return context.get_dummy_value()
 
-        return signature, codegen
+    if blocks == 1:
+
+        @intrinsic
+        def scatter(typingctx, W, d, j0, cols, vals, first, last, lr):
+            arguments = (W, d, j0, cols, vals, first, last, lr)
+            return typer(W, d, cols, vals, lr, arguments), codegen
+
+    else:
+
+        @intrinsic
+        def scatter(typingctx, W, d, j0, j1, cols, vals, first, last, lr):
+            arguments = (W, d, j0, j1, cols, vals, first, last, lr)
+            return typer(W, d, cols, vals, lr, arguments), codegen
 
     return scatter
 
 
 _gather_32, _gather_16, _gather_8, _gather_4, _gather_2, _gather_1 = (
-    _gather_block(width) for width in (32, 16, 8, 4, 2, 1)
+    _gather_block(width, 1) for width in (32, 16, 8, 4, 2, 1)
 )
 _scatter_32, _scatter_16, _scatter_8, _scatter_4, _scatter_2, _scatter_1 = (
-    _scatter_block(width) for width in (32, 16, 8, 4, 2, 1)
+    _scatter_block(width, 1) for width in (32, 16, 8, 4, 2, 1)
 )
+_gather_pair_32 = _gather_block(32, 2)
+_scatter_pair_32 = _scatter_block(32, 2)
 
 _kernel = njit(cache=True, nogil=True, error_model="numpy")
 
@@ -290,19 +378,30 @@ def gather_rows(W, row, cols, vals, first, last):
     """
     width = W.shape[1]
     j0 = 0
-    while j0 + 32 <= width:
+    if W.itemsize == 4:
+        # float32: two 32-wide blocks (eight AVX registers of sums) per pass,
+        # the last pair overlapping so that a row of 50 takes one pass, not
+        # three (32 + 16 + 2). For float64 the extra lanes cost more than
+        # the passes they save.
+        while width - j0 >= 64:
+            _gather_pair_32(W, row, j0, j0 + 32, cols, vals, first, last)
+            j0 += 64
+        if width - j0 > 32:
+            _gather_pair_32(W, row, j0, width - 32, cols, vals, first, last)
+            return
+    while width - j0 >= 32:
         _gather_32(W, row, j0, cols, vals, first, last)
         j0 += 32
-    if j0 + 16 <= width:
+    if width - j0 >= 16:
         _gather_16(W, row, j0, cols, vals, first, last)
         j0 += 16
-    if j0 + 8 <= width:
+    if width - j0 >= 8:
         _gather_8(W, row, j0, cols, vals, first, last)
         j0 += 8
-    if j0 + 4 <= width:
+    if width - j0 >= 4:
         _gather_4(W, row, j0, cols, vals, first, last)
         j0 += 4
-    if j0 + 2 <= width:
+    if width - j0 >= 2:
         _gather_2(W, row, j0, cols, vals, first, last)
         j0 += 2
     if j0 < width:
@@ -324,19 +423,26 @@ def scatter_rows(W, d, cols, vals, first, last, lr):
     """
     width = W.shape[1]
     j0 = 0
-    while j0 + 32 <= width:
+    if W.itemsize == 4:
+        while width - j0 >= 64:
+            _scatter_pair_32(W, d, j0, j0 + 32, cols, vals, first, last, lr)
+            j0 += 64
+        if width - j0 > 32:
+            _scatter_pair_32(W, d, j0, width - 32, cols, vals, first, last, lr)
+            return
+    while width - j0 >= 32:
         _scatter_32(W, d, j0, cols, vals, first, last, lr)
         j0 += 32
-    if j0 + 16 <= width:
+    if width - j0 >= 16:
         _scatter_16(W, d, j0, cols, vals, first, last, lr)
         j0 += 16
-    if j0 + 8 <= width:
+    if width - j0 >= 8:
         _scatter_8(W, d, j0, cols, vals, first, last, lr)
         j0 += 8
-    if j0 + 4 <= width:
+    if width - j0 >= 4:
         _scatter_4(W, d, j0, cols, vals, first, last, lr)
         j0 += 4
-    if j0 + 2 <= width:
+    if width - j0 >= 2:
         _scatter_2(W, d, j0, cols, vals, first, last, lr)
         j0 += 2
     if j0 < width:
