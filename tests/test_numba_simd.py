@@ -2,8 +2,8 @@
 
 ``gather_rows`` and ``scatter_rows`` promise the arithmetic order of the
 loops they replace, so they are compared bitwise, over hidden sizes that
-exercise every block width (32, 16, 8, 4, 2, 1) and row lengths around the
-groups of four.
+exercise every block kind (32-wide pairs, 32, 16 and single columns) and
+row lengths around the groups of four.
 """
 
 from __future__ import annotations

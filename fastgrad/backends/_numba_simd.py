@@ -15,7 +15,7 @@ inner loop but pays for it on every non-zero: alias checks between the rows,
 a vector remainder (50 = 32 + 16 + 2), index wrap-around, and the output
 row loaded and stored again for each input. perf counted ~116 instructions
 per non-zero at 50 hidden units. Here the hidden units are cut into fixed
-blocks (32, 16, 8, 4, 2, 1 wide) and each block is one LLVM vector that
+blocks (32 and 16 wide, then single columns) and each block is one LLVM vector that
 stays in registers for the whole run over the non-zeros; the block widths
 are compile-time constants, so there is no remainder loop and no alias
 check. LLVM splits a vector wider than the machine's registers into several.
@@ -350,12 +350,8 @@ def _scatter_block(width: int, blocks: int):
     return scatter
 
 
-_gather_32, _gather_16, _gather_8, _gather_4, _gather_2, _gather_1 = (
-    _gather_block(width, 1) for width in (32, 16, 8, 4, 2, 1)
-)
-_scatter_32, _scatter_16, _scatter_8, _scatter_4, _scatter_2, _scatter_1 = (
-    _scatter_block(width, 1) for width in (32, 16, 8, 4, 2, 1)
-)
+_gather_32, _gather_16, _gather_1 = (_gather_block(width, 1) for width in (32, 16, 1))
+_scatter_32, _scatter_16, _scatter_1 = (_scatter_block(width, 1) for width in (32, 16, 1))
 _gather_pair_32 = _gather_block(32, 2)
 _scatter_pair_32 = _scatter_block(32, 2)
 
@@ -395,17 +391,9 @@ def gather_rows(W, row, cols, vals, first, last):
     if width - j0 >= 16:
         _gather_16(W, row, j0, cols, vals, first, last)
         j0 += 16
-    if width - j0 >= 8:
-        _gather_8(W, row, j0, cols, vals, first, last)
-        j0 += 8
-    if width - j0 >= 4:
-        _gather_4(W, row, j0, cols, vals, first, last)
-        j0 += 4
-    if width - j0 >= 2:
-        _gather_2(W, row, j0, cols, vals, first, last)
-        j0 += 2
-    if j0 < width:
-        _gather_1(W, row, j0, cols, vals, first, last)
+    # a remainder under 16 column by column: fewer block kernels to compile
+    for j in range(j0, width):
+        _gather_1(W, row, j, cols, vals, first, last)
 
 
 @_kernel
@@ -436,14 +424,6 @@ def scatter_rows(W, d, cols, vals, first, last, lr):
     if width - j0 >= 16:
         _scatter_16(W, d, j0, cols, vals, first, last, lr)
         j0 += 16
-    if width - j0 >= 8:
-        _scatter_8(W, d, j0, cols, vals, first, last, lr)
-        j0 += 8
-    if width - j0 >= 4:
-        _scatter_4(W, d, j0, cols, vals, first, last, lr)
-        j0 += 4
-    if width - j0 >= 2:
-        _scatter_2(W, d, j0, cols, vals, first, last, lr)
-        j0 += 2
-    if j0 < width:
-        _scatter_1(W, d, j0, cols, vals, first, last, lr)
+    # a remainder under 16 column by column: fewer block kernels to compile
+    for j in range(j0, width):
+        _scatter_1(W, d, j, cols, vals, first, last, lr)
