@@ -131,7 +131,7 @@ def test_sgd_worker_on_any_thread_count_is_bitwise_the_serial_loop(numba_backend
         trained = copy_params(params)
         losses = np.empty(7)
         W2T = np.ascontiguousarray(trained["W2"].T)
-        scratch = (W2T, np.empty((11, 9)), np.empty((11, 9)), np.empty((11, 4)), np.empty(11))
+        scratch = (W2T, np.empty((11, 9)), np.empty((11, 9)), np.empty((4, 11)), np.empty(11))
         listed = (starts, columns, values, labels, indices)
         run_on_threads(
             kernels.sgd_worker,

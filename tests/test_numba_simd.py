@@ -1,9 +1,10 @@
 """The vector-block row kernels of the Numba backend against plain scalar loops.
 
 ``gather_rows`` and ``scatter_rows`` promise the arithmetic order of the
-loops they replace, so they are compared bitwise, over hidden sizes that
-exercise every block kind (32-wide pairs, 32, 16 and single columns) and
-row lengths around the groups of four.
+loops they replace, so they are compared bitwise, over row widths that
+exercise every block kind (32-wide pairs, 32, 16, the masked remainder of
+a gather and the single columns of a scatter) and row lengths around the
+groups of four.
 """
 
 from __future__ import annotations
@@ -71,6 +72,22 @@ def test_gather_rows_is_bitwise_the_plain_loop(dtype, hidden, count):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", HIDDEN_SIZES)
+def test_dense_gather_writes_only_its_row(dtype, hidden):
+    # the row is a slice of a longer buffer and W's last row ends its own:
+    # a block running past the end of a row must neither write nor add there
+    rng = np.random.default_rng(hidden)
+    W = rng.standard_normal((13, hidden)).astype(dtype)
+    buffer = np.full(hidden + 40, 7.0, dtype)
+    vals = rng.standard_normal(13).astype(dtype)
+    expected = buffer[:hidden].copy()
+    _plain_gather(W, expected, np.arange(13), vals, 0, 13)
+    gather_rows(W, buffer[:hidden], None, vals, 0, 13)
+    np.testing.assert_array_equal(buffer[:hidden], expected)
+    np.testing.assert_array_equal(buffer[hidden:], 7.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", HIDDEN_SIZES)
 @pytest.mark.parametrize("count", [0, 1, 5, 30])
 def test_scatter_rows_is_bitwise_the_plain_loop(dtype, hidden, count):
     rng = np.random.default_rng(hidden * 100 + count + 1)
@@ -90,5 +107,7 @@ def test_mixed_dtypes_are_refused_when_compiled():
     W = np.ones((3, 4))
     with pytest.raises(numba.core.errors.TypingError, match="share one float dtype"):
         gather_rows(W, np.zeros(4, np.float32), np.zeros(1, np.int32), np.ones(1), 0, 1)
+    with pytest.raises(numba.core.errors.TypingError, match="C-contiguous"):
+        gather_rows(W, np.ones(8)[::2], np.zeros(1, np.int32), np.ones(1), 0, 1)
     with pytest.raises(numba.core.errors.TypingError, match="C-contiguous"):
         scatter_rows(W, np.ones(8)[::2], np.zeros(1, np.int32), np.ones(1), 0, 1, 0.1)

@@ -237,16 +237,32 @@ def _compact_row(x, n, col_row, val_row):
 
 @_serial
 def _sample_pass(
-    cols, vals, first, last, b, label, W1, b1, W2, W2T, b2, hidden, dpre, dlogits, logit, inv_batch
+    cols,
+    vals,
+    first,
+    last,
+    b,
+    label,
+    W1,
+    b1,
+    W2,
+    W2T,
+    b2,
+    hidden,
+    dpre,
+    dlogits_t,
+    logit,
+    inv_batch,
 ):
     """Forward and backward of the row listed as ``cols/vals[first:last]``, as batch row ``b``.
 
     ``W2T`` is ``W2.T`` as a C-contiguous copy, so that ``dlogits @ W2.T``
     runs along its rows. Returns the row's loss; leaves its hidden
-    activations in ``hidden[b]``, ``dL/dlogits`` in ``dlogits[b]`` and
-    ``dL/d(pre-activation)`` in ``dpre[b]`` (of the batch mean, via
-    ``inv_batch``). Writes batch row ``b`` of those arrays, ``logit``
-    (scratch of ``W2``'s dtype) and nothing else.
+    activations in ``hidden[b]``, ``dL/dlogits`` in column ``b`` of
+    ``dlogits_t`` (classes by batch, the layout ``dlogits.T @ hidden``
+    reads) and ``dL/d(pre-activation)`` in ``dpre[b]`` (of the batch mean,
+    via ``inv_batch``). Writes those, ``logit`` (scratch of ``W2``'s dtype)
+    and nothing else.
     """
     hidden_size = W1.shape[1]
     classes = W2.shape[1]
@@ -265,38 +281,41 @@ def _sample_pass(
     total = 0.0
     for c in range(classes):
         total += exp_nonpositive(np.float64(logit[c]) - top)
+    loss = top + math.log(total) - np.float64(logit[label])
     scale = inv_batch / total
+    # logit now takes this row's dL/dlogits
     for c in range(classes):
         p_scaled = exp_nonpositive(np.float64(logit[c]) - top) * scale
-        dlogits[b, c] = (p_scaled - inv_batch) if c == label else p_scaled
+        logit[c] = (p_scaled - inv_batch) if c == label else p_scaled
+        dlogits_t[c, b] = logit[c]
     back = dpre[b]
     back[:] = 0
-    gather_rows(W2T, back, None, dlogits[b], 0, classes)
+    gather_rows(W2T, back, None, logit, 0, classes)
     for j in range(hidden_size):
         hv = row[j]
         back[j] = back[j] * (hv * (1 - hv))
-    return top + math.log(total) - np.float64(logit[label])
+    return loss
 
 
 @_serial
-def _small_grads(hidden, dpre, dlogits, first_unit, last_unit, gb1, gW2, gb2):
-    """``gb1 = sum(dpre)``, ``gW2 = hidden.T @ dlogits``, ``gb2 = sum(dlogits)``.
+def _small_grads(hidden, dpre, dlogits_t, first_unit, last_unit, gb1, gW2T, gb2):
+    """``gb1 = sum(dpre)``, ``gW2.T = dlogits.T @ hidden``, ``gb2 = sum(dlogits)``.
 
-    Only hidden units ``first_unit:last_unit`` of ``gb1`` and ``gW2`` are
-    written (a thread's share); sums run in batch order.
+    Only hidden units ``first_unit:last_unit`` of ``gb1`` are written (a
+    thread's share); ``gW2T`` and ``gb2`` are small enough for every thread
+    to compute whole. Each sum runs over the batch in one fixed order.
     """
     batch_size = hidden.shape[0]
-    classes = dlogits.shape[1]
     gb1[first_unit:last_unit] = 0
-    gW2[first_unit:last_unit] = 0
-    gb2[:] = 0
     for b in range(batch_size):
         for j in range(first_unit, last_unit):
             gb1[j] += dpre[b, j]
-        # gW2[j] += hidden[b, j] * dlogits[b], as W - (-1 * v) * d (exact)
-        scatter_rows(gW2, dlogits[b], None, hidden[b], first_unit, last_unit, -1.0)
-        for c in range(classes):
-            gb2[c] += dlogits[b, c]
+    for c in range(dlogits_t.shape[0]):
+        gW2T[c] = 0
+        gather_rows(hidden, gW2T[c], None, dlogits_t[c], 0, batch_size)
+        gb2[c] = 0
+        for b in range(batch_size):
+            gb2[c] += dlogits_t[c, b]
 
 
 @_serial
@@ -309,9 +328,10 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
     counts = np.empty(batch_size, np.int64)
     hidden = np.empty((batch_size, hidden_size), W1.dtype)
     dpre = np.empty((batch_size, hidden_size), W1.dtype)
-    dlogits = np.empty((batch_size, classes), W1.dtype)
+    dlogits_t = np.empty((classes, batch_size), W1.dtype)
     logit = np.empty(classes, W1.dtype)
     W2T = np.ascontiguousarray(W2.T)
+    gW2T = np.empty((classes, hidden_size), W1.dtype)
     inv_batch = 1.0 / batch_size
     loss = 0.0
     for n in range(batch_size):
@@ -330,11 +350,12 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
             b2,
             hidden,
             dpre,
-            dlogits,
+            dlogits_t,
             logit,
             inv_batch,
         )
-    _small_grads(hidden, dpre, dlogits, 0, hidden_size, gb1, gW2, gb2)
+    _small_grads(hidden, dpre, dlogits_t, 0, hidden_size, gb1, gW2T, gb2)
+    gW2[:] = gW2T.T
     gW1[:] = 0
     for b in range(batch_size):
         # gW1[i] += v * dpre[b], exactly: W - (-1 * v) * d rounds as W + v * d
@@ -439,7 +460,7 @@ def sgd_worker(
     W2T,
     hidden,
     dpre,
-    dlogits,
+    dlogits_t,
     row_losses,
 ):
     """Thread ``thread``'s share of ``len(batch_indices)`` SGD steps by backprop, in place.
@@ -448,23 +469,27 @@ def sgd_worker(
     ``all_columns/all_values[starts[n]:starts[n+1]]`` and ``batch_indices``
     index those rows. ``threads`` callers run this at once on the same
     arrays (``W2T``: a C-contiguous copy of ``W2.T`` on entry, kept in step
-    with ``W2``; ``hidden``, ``dpre``, ``dlogits``: ``(batch, ·)`` scratch;
-    ``row_losses``: ``(batch,)``), each with its own ``thread`` number, and
-    meet at two barriers a step (``_numba_sync``):
+    with ``W2``; ``hidden``, ``dpre``: ``(batch, hidden)`` scratch;
+    ``dlogits_t``: ``(classes, batch)``; ``row_losses``: ``(batch,)``), each
+    with its own ``thread`` number, and meet at two barriers a step
+    (``_numba_sync``):
 
     1. Thread ``t`` runs forward and backward for its slice of the batch rows.
     2. After the first barrier, it owns a slice of the hidden units (their
-       ``b1``, ``W2`` rows and small gradients) and the input features
-       ``feature_bounds[t]:feature_bounds[t+1]`` (their ``W1`` rows);
-       thread 0 also owns ``b2`` and the step's loss. The second barrier
-       closes the step.
+       ``b1`` and ``W2`` rows), a slice of the classes (their ``b2`` and
+       ``W2T`` rows) and the input features ``feature_bounds[t]:feature_bounds[t+1]``
+       (their ``W1`` rows); thread 0 also records the step's loss. The
+       second barrier closes the step.
 
-    No two threads write the same element, and every sum runs in batch order
-    whatever the split, so the result is bitwise the same for any number
-    of threads. The ``W1`` update is applied per non-zero input
-    (``W1[i] -= lr*x[n,i]*dpre[n]``) rather than through a dense
-    ``x.T @ dpre``: all-zero input columns get no update at all, exactly as
-    ``W1 -= lr * 0`` leaves them.
+    No two threads write the same element, and every sum runs in an order
+    that does not depend on the split, so the result is bitwise the same
+    for any number of threads. The ``W1`` update is applied per non-zero
+    input (``W1[i] -= lr*x[n,i]*dpre[n]``, in batch order) rather than
+    through a dense ``x.T @ dpre``: all-zero input columns get no update at
+    all, exactly as ``W1 -= lr * 0`` leaves them. (Regrouping the batch by
+    feature, so that each ``W1`` row is read and written once a step,
+    measured slower: its scattered stores cost more than the row traffic
+    it saves.)
     """
     steps, batch_size = batch_indices.shape
     hidden_size, classes = W2.shape
@@ -472,12 +497,14 @@ def sgd_worker(
     last_row = batch_size * (thread + 1) // threads
     first_unit = hidden_size * thread // threads
     last_unit = hidden_size * (thread + 1) // threads
+    first_class = classes * thread // threads
+    last_class = classes * (thread + 1) // threads
     first_feature = feature_bounds[thread]
     last_feature = feature_bounds[thread + 1]
     logit = np.empty(classes, W1.dtype)
-    # this thread's small gradients (only its hidden units' rows are used)
+    # the step's small gradients (of gb1, only this thread's units are filled)
     gb1 = np.empty(hidden_size, W1.dtype)
-    gW2 = np.empty((hidden_size, classes), W1.dtype)
+    gW2T = np.empty((classes, hidden_size), W1.dtype)
     gb2 = np.empty(classes, W1.dtype)
     inv_batch = 1.0 / batch_size
     generation = 0
@@ -498,26 +525,30 @@ def sgd_worker(
                 b2,
                 hidden,
                 dpre,
-                dlogits,
+                dlogits_t,
                 logit,
                 inv_batch,
             )
         if not barrier(sync, threads, generation):
             return
         generation += 1
-        _small_grads(hidden, dpre, dlogits, first_unit, last_unit, gb1, gW2, gb2)
+        _small_grads(hidden, dpre, dlogits_t, first_unit, last_unit, gb1, gW2T, gb2)
+        # W2 by rows (hidden units) and its copy W2T by rows (classes): the
+        # same update of the same values keeps them equal, and no cache line
+        # is written by two threads
         for j in range(first_unit, last_unit):
             b1[j] -= lr * gb1[j]
             for c in range(classes):
-                W2[j, c] -= lr * gW2[j, c]
-                W2T[c, j] = W2[j, c]
+                W2[j, c] -= lr * gW2T[c, j]
+        for c in range(first_class, last_class):
+            b2[c] -= lr * gb2[c]
+            for j in range(hidden_size):
+                W2T[c, j] -= lr * gW2T[c, j]
         if thread == 0:
             total = 0.0
             for b in range(batch_size):
                 total += row_losses[b]
             losses[step] = total * inv_batch
-            for c in range(classes):
-                b2[c] -= lr * gb2[c]
         for b in range(batch_size):
             n = batch_indices[step, b]
             # a row's columns are sorted: this thread's features are a slice of them

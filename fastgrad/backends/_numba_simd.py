@@ -7,18 +7,21 @@ Two operations carry a training step on sparse inputs (MNIST is ~81 % zeros):
   ``W -= lr * x.T @ d`` update, one input at a time).
 
 With ``cols=None`` they take ``W``'s rows in order: the same code then does
-the small dense products of the step (``hidden @ W2``, ``dlogits @ W2.T``
-and ``hidden.T @ dlogits``).
+the small dense products of the step (``hidden @ W2``, ``dlogits @ W2.T``,
+``dlogits.T @ hidden``).
 
 Written as plain Numba loops (``for j in range(hidden)``), LLVM vectorises the
 inner loop but pays for it on every non-zero: alias checks between the rows,
 a vector remainder (50 = 32 + 16 + 2), index wrap-around, and the output
 row loaded and stored again for each input. perf counted ~116 instructions
-per non-zero at 50 hidden units. Here the hidden units are cut into fixed
-blocks (32 and 16 wide, then single columns) and each block is one LLVM vector that
-stays in registers for the whole run over the non-zeros; the block widths
-are compile-time constants, so there is no remainder loop and no alias
-check. LLVM splits a vector wider than the machine's registers into several.
+per non-zero at 50 hidden units. Here a row is cut into fixed blocks (32
+and 16 wide) and each block is one LLVM vector that stays in registers for
+the whole run over the non-zeros; the block widths are compile-time
+constants, so there is no remainder loop and no alias check. LLVM splits a
+vector wider than the machine's registers into several. The remainder under
+16 is one masked block in ``gather_rows`` (a row of 10 logits in one pass)
+and goes column by column in ``scatter_rows``, where it only ever meets the
+last 2 columns of a float64 row of 50.
 
 Arithmetic order is the same as the plain loops they replace, so results
 are bitwise those of:
@@ -32,9 +35,10 @@ are bitwise those of:
 and no multiply-add is fused (no ``contract`` flag), as with ``fastmath`` off.
 
 No bounds checks: callers pass ``first <= last`` within ``cols``/``vals``,
-column indices within ``W``, and C-contiguous arrays (checked when typed).
-Under ``NUMBA_DISABLE_JIT=1`` (the coverage run) the blocks are NumPy slice
-operations in the same order, since intrinsics only exist in compiled code.
+row indices within ``W``, rows and ``d`` as long as ``W``'s rows, and
+C-contiguous arrays (checked when typed). Under ``NUMBA_DISABLE_JIT=1`` (the
+coverage run) the blocks are NumPy slice operations in the same order, since
+intrinsics only exist in compiled code.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class _Operands:
         self.align = context.get_abi_sizeof(element)
         self.vector = llvm_ir.VectorType(element, width)
         self.context = context
+        self.mask = None
 
     def index(self, position):
         """An integer argument as ``intp``."""
@@ -136,12 +141,56 @@ class _Operands:
         pointer = self.builder.gep(view.data, [offset])
         return self.builder.bitcast(pointer, self.vector.as_pointer())
 
+    def mask_columns_from(self, column):
+        """Mask loads and stores to the lanes of ``column : column + width`` inside ``W``'s rows.
+
+        After this call every ``load``/``store`` touches only lanes below
+        ``W.shape[1] - column``; the others read as 0 and are never written,
+        so a block may hang over the end of a row (or of the whole array).
+        """
+        _, view = self.arrays[0]
+        lanes_in_row = self.builder.sub(self.builder.extract_value(view.shape, 1), column)
+        lane = llvm_ir.Constant(
+            llvm_ir.VectorType(self.intp, self.vector.count), list(range(self.vector.count))
+        )
+        self.mask = self.builder.icmp_signed(
+            "<", lane, _splat(self.builder, lanes_in_row, lane.type)
+        )
+
+    def _masked(self, operation):
+        # LLVM's masked load/store (AVX vmaskmov), named with the typed-pointer
+        # mangling of older LLVMs; newer ones re-mangle it when reading the IR
+        element = "f32" if self.align == 4 else "f64"
+        vector_name = f"v{self.vector.count}{element}"
+        name = f"llvm.masked.{operation}.{vector_name}.p0{vector_name}"
+        function = self.builder.module.globals.get(name)
+        if function is None:
+            pointer, align = self.vector.as_pointer(), llvm_ir.IntType(32)
+            if operation == "load":
+                signature = llvm_ir.FunctionType(
+                    self.vector, [pointer, align, self.mask.type, self.vector]
+                )
+            else:
+                signature = llvm_ir.FunctionType(
+                    llvm_ir.VoidType(), [self.vector, pointer, align, self.mask.type]
+                )
+            function = llvm_ir.Function(self.builder.module, signature, name)
+        return function
+
     def load(self, pointer):
         # element alignment only: rows of W start anywhere
-        return self.builder.load(pointer, align=self.align)
+        if self.mask is None:
+            return self.builder.load(pointer, align=self.align)
+        align = llvm_ir.Constant(llvm_ir.IntType(32), self.align)
+        zeros = llvm_ir.Constant(self.vector, None)
+        return self.builder.call(self._masked("load"), [pointer, align, self.mask, zeros])
 
     def store(self, value, pointer):
-        self.builder.store(value, pointer, align=self.align)
+        if self.mask is None:
+            self.builder.store(value, pointer, align=self.align)
+            return
+        align = llvm_ir.Constant(llvm_ir.IntType(32), self.align)
+        self.builder.call(self._masked("store"), [value, pointer, align, self.mask])
 
 
 def _counted_loop(builder, start, stop, step, carried, body):
@@ -199,8 +248,13 @@ def _python_rows(W, cols):
     return range(W.shape[0]) if cols is None else cols
 
 
-def _gather_block(width: int, blocks: int):
-    """``row[b:b+width] += sum_k vals[k] * W[cols[k], b:b+width]`` for each block start ``b``."""
+def _gather_block(width: int, blocks: int, masked: bool = False):
+    """``row[b:b+width] += sum_k vals[k] * W[cols[k], b:b+width]`` for each block start ``b``.
+
+    ``masked``: one block that may run past the end of ``W``'s rows (it
+    covers only ``b : W.shape[1]``): the remainder of a row narrower than a
+    block, in one pass instead of column by column.
+    """
     if _JIT_DISABLED:
 
         def gather_python(W, row, *args):
@@ -234,6 +288,8 @@ def _gather_block(width: int, blocks: int):
         ops = _Operands(context, builder, sig, args, width, where["cols"], where["vals"])
         starts = [ops.index(position) for position in where["offsets"]]
         first, last = ops.index(where["first"]), ops.index(where["last"])
+        if masked:
+            ops.mask_columns_from(starts[0])
         outs = [ops.block_pointer(1, None, j0) for j0 in starts]
 
         def products(k):
@@ -350,9 +406,10 @@ def _scatter_block(width: int, blocks: int):
     return scatter
 
 
-_gather_32, _gather_16, _gather_1 = (_gather_block(width, 1) for width in (32, 16, 1))
-_scatter_32, _scatter_16, _scatter_1 = (_scatter_block(width, 1) for width in (32, 16, 1))
+_gather_32, _gather_16 = (_gather_block(width, 1) for width in (32, 16))
 _gather_pair_32 = _gather_block(32, 2)
+_gather_tail_16 = _gather_block(16, 1, masked=True)
+_scatter_32, _scatter_16, _scatter_1 = (_scatter_block(width, 1) for width in (32, 16, 1))
 _scatter_pair_32 = _scatter_block(32, 2)
 
 _kernel = njit(cache=True, nogil=True, error_model="numpy")
@@ -391,9 +448,9 @@ def gather_rows(W, row, cols, vals, first, last):
     if width - j0 >= 16:
         _gather_16(W, row, j0, cols, vals, first, last)
         j0 += 16
-    # a remainder under 16 column by column: fewer block kernels to compile
-    for j in range(j0, width):
-        _gather_1(W, row, j, cols, vals, first, last)
+    if j0 < width:
+        # the remainder under 16 (all of a row of 10 logits) in one masked pass
+        _gather_tail_16(W, row, j0, cols, vals, first, last)
 
 
 @_kernel

@@ -572,7 +572,7 @@ def _sgd_backprop_threaded(
         np.ascontiguousarray(W2.T),
         np.empty((batch_size, hidden_size), W1.dtype),
         np.empty((batch_size, hidden_size), W1.dtype),
-        np.empty((batch_size, classes), W1.dtype),
+        np.empty((classes, batch_size), W1.dtype),
         np.empty(batch_size),
     )
 
