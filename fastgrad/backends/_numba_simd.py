@@ -102,7 +102,6 @@ class _Operands:
         self.align = context.get_abi_sizeof(element)
         self.vector = llvm_ir.VectorType(element, width)
         self.context = context
-        self.mask = None
 
     def index(self, position):
         """An integer argument as ``intp``."""
@@ -141,23 +140,38 @@ class _Operands:
         pointer = self.builder.gep(view.data, [offset])
         return self.builder.bitcast(pointer, self.vector.as_pointer())
 
-    def mask_columns_from(self, column):
-        """Mask loads and stores to the lanes of ``column : column + width`` inside ``W``'s rows.
+    def piece_pointer(self, start, offset):
+        """Pointer to the vector ``offset`` elements after the element pointer ``start``.
 
-        After this call every ``load``/``store`` touches only lanes below
-        ``W.shape[1] - column``; the others read as 0 and are never written,
-        so a block may hang over the end of a row (or of the whole array).
+        A constant ``offset`` from one start folds into the load's address,
+        so all pieces of a block share one base register.
+        """
+        pointer = self.builder.gep(start, [self.intp(offset)], inbounds=True)
+        return self.builder.bitcast(pointer, self.vector.as_pointer())
+
+    def element_pointer(self, position, row, column):
+        """Pointer to the element ``array[row, column]`` (``row`` None: ``array[column]``)."""
+        _, view = self.arrays[position]
+        offset = column
+        if row is not None:
+            row_length = self.builder.extract_value(view.shape, 1)
+            offset = self.builder.add(self.builder.mul(row, row_length), column)
+        return self.builder.gep(view.data, [offset], inbounds=True)
+
+    def column_mask(self, column):
+        """Lanes of the vector at ``column`` that lie inside ``W``'s rows, for masked access.
+
+        A masked ``load`` reads the other lanes as 0 and a masked ``store``
+        leaves them alone, so a vector may hang over the end of a row (or of
+        the whole array).
         """
         _, view = self.arrays[0]
         lanes_in_row = self.builder.sub(self.builder.extract_value(view.shape, 1), column)
-        lane = llvm_ir.Constant(
-            llvm_ir.VectorType(self.intp, self.vector.count), list(range(self.vector.count))
-        )
-        self.mask = self.builder.icmp_signed(
-            "<", lane, _splat(self.builder, lanes_in_row, lane.type)
-        )
+        count = self.vector.count
+        lane = llvm_ir.Constant(llvm_ir.VectorType(self.intp, count), list(range(count)))
+        return self.builder.icmp_signed("<", lane, _splat(self.builder, lanes_in_row, lane.type))
 
-    def _masked(self, operation):
+    def _masked(self, operation, mask):
         # LLVM's masked load/store (AVX vmaskmov), named with the typed-pointer
         # mangling of older LLVMs; newer ones re-mangle it when reading the IR
         element = "f32" if self.align == 4 else "f64"
@@ -168,29 +182,29 @@ class _Operands:
             pointer, align = self.vector.as_pointer(), llvm_ir.IntType(32)
             if operation == "load":
                 signature = llvm_ir.FunctionType(
-                    self.vector, [pointer, align, self.mask.type, self.vector]
+                    self.vector, [pointer, align, mask.type, self.vector]
                 )
             else:
                 signature = llvm_ir.FunctionType(
-                    llvm_ir.VoidType(), [self.vector, pointer, align, self.mask.type]
+                    llvm_ir.VoidType(), [self.vector, pointer, align, mask.type]
                 )
             function = llvm_ir.Function(self.builder.module, signature, name)
         return function
 
-    def load(self, pointer):
+    def load(self, pointer, mask=None):
         # element alignment only: rows of W start anywhere
-        if self.mask is None:
+        if mask is None:
             return self.builder.load(pointer, align=self.align)
         align = llvm_ir.Constant(llvm_ir.IntType(32), self.align)
         zeros = llvm_ir.Constant(self.vector, None)
-        return self.builder.call(self._masked("load"), [pointer, align, self.mask, zeros])
+        return self.builder.call(self._masked("load", mask), [pointer, align, mask, zeros])
 
-    def store(self, value, pointer):
-        if self.mask is None:
+    def store(self, value, pointer, mask=None):
+        if mask is None:
             self.builder.store(value, pointer, align=self.align)
             return
         align = llvm_ir.Constant(llvm_ir.IntType(32), self.align)
-        self.builder.call(self._masked("store"), [value, pointer, align, self.mask])
+        self.builder.call(self._masked("store", mask), [value, pointer, align, mask])
 
 
 def _counted_loop(builder, start, stop, step, carried, body):
@@ -248,6 +262,11 @@ def _python_rows(W, cols):
     return range(W.shape[0]) if cols is None else cols
 
 
+# bytes of a vector register the gather's pieces fill (AVX2's 32; on wider
+# machines LLVM still gets register-sized pieces it can place)
+_REGISTER_BYTES = 32
+
+
 def _gather_block(width: int, blocks: int, masked: bool = False):
     """``row[b:b+width] += sum_k vals[k] * W[cols[k], b:b+width]`` for each block start ``b``.
 
@@ -285,38 +304,63 @@ def _gather_block(width: int, blocks: int, masked: bool = False):
         return types.void(*arguments)
 
     def codegen(context, builder, sig, args):
-        ops = _Operands(context, builder, sig, args, width, where["cols"], where["vals"])
+        # each block as register-sized pieces, every piece its own running sum:
+        # emitted piece by piece, a group of four inputs needs the sums, four
+        # broadcasts and a few products live at once, which fits the 16 AVX
+        # registers (whole 32-wide blocks at a time spilled to the stack)
+        lanes = min(width, _REGISTER_BYTES * 8 // sig.args[0].dtype.bitwidth)
+        ops = _Operands(context, builder, sig, args, lanes, where["cols"], where["vals"])
         starts = [ops.index(position) for position in where["offsets"]]
         first, last = ops.index(where["first"]), ops.index(where["last"])
+        # (block, offset within it) of every piece
+        pieces = [(b, offset) for b in range(blocks) for offset in range(0, width, lanes)]
+        masks = [None] * len(pieces)
         if masked:
-            ops.mask_columns_from(starts[0])
-        outs = [ops.block_pointer(1, None, j0) for j0 in starts]
+            masks = [ops.column_mask(builder.add(starts[b], ops.intp(o))) for b, o in pieces]
+        out_starts = [ops.element_pointer(1, None, j0) for j0 in starts]
+        outs = [ops.piece_pointer(out_starts[b], offset) for b, offset in pieces]
 
-        def products(k):
-            rows = ops.row_of(k)
-            scale = _splat(builder, ops.value_at(k), ops.vector)
-            return [builder.fmul(scale, ops.load(ops.block_pointer(0, rows, j0))) for j0 in starts]
+        def inputs(k, count):
+            """Per listed input ``k..k+count-1``: its row's block starts and its broadcast value."""
+            listed = []
+            for i in range(count):
+                k_i = builder.add(k, ops.intp(i))
+                row = ops.row_of(k_i)
+                row_starts = [ops.element_pointer(0, row, j0) for j0 in starts]
+                listed.append((row_starts, _splat(builder, ops.value_at(k_i), ops.vector)))
+            return listed
+
+        def term(listed_input, piece, mask):
+            row_starts, scale = listed_input
+            b, offset = piece
+            return builder.fmul(scale, ops.load(ops.piece_pointer(row_starts[b], offset), mask))
 
         def four(k, sums):
-            step = [products(builder.add(k, llvm_ir.Constant(ops.intp, i))) for i in range(4)]
+            listed = inputs(k, 4)
             updated = []
-            for b, sum_ in enumerate(sums):
-                pair_01 = builder.fadd(step[0][b], step[1][b])
-                pair_23 = builder.fadd(step[2][b], step[3][b])
+            for sum_, piece, mask in zip(sums, pieces, masks, strict=True):
+                t0, t1, t2, t3 = (term(listed_input, piece, mask) for listed_input in listed)
+                pair_01 = builder.fadd(t0, t1)
+                pair_23 = builder.fadd(t2, t3)
                 updated.append(builder.fadd(sum_, builder.fadd(pair_01, pair_23)))
             return updated
 
         def one(k, sums):
-            return [builder.fadd(sum_, term) for sum_, term in zip(sums, products(k), strict=True)]
+            (listed_input,) = inputs(k, 1)
+            return [
+                builder.fadd(sum_, term(listed_input, piece, mask))
+                for sum_, piece, mask in zip(sums, pieces, masks, strict=True)
+            ]
 
         quads_end = builder.add(
             first, builder.and_(builder.sub(last, first), llvm_ir.Constant(ops.intp, -4))
         )
-        sums = _counted_loop(builder, first, quads_end, 4, [ops.load(out) for out in outs], four)
+        initial = [ops.load(out, mask) for out, mask in zip(outs, masks, strict=True)]
+        sums = _counted_loop(builder, first, quads_end, 4, initial, four)
         sums = _counted_loop(builder, quads_end, last, 1, sums, one)
-        # overlapping lanes hold the same value in both sums
-        for sum_, out in zip(sums, outs, strict=True):
-            ops.store(sum_, out)
+        # overlapping pieces of two blocks hold the same value in both sums
+        for sum_, out, mask in zip(sums, outs, masks, strict=True):
+            ops.store(sum_, out, mask)
         return context.get_dummy_value()
 
     if blocks == 1:
