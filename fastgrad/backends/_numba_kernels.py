@@ -252,6 +252,7 @@ def _sample_pass(
     dpre,
     dlogits_t,
     logit,
+    exps,
     inv_batch,
 ):
     """Forward and backward of the row listed as ``cols/vals[first:last]``, as batch row ``b``.
@@ -261,8 +262,8 @@ def _sample_pass(
     activations in ``hidden[b]``, ``dL/dlogits`` in column ``b`` of
     ``dlogits_t`` (classes by batch, the layout ``dlogits.T @ hidden``
     reads) and ``dL/d(pre-activation)`` in ``dpre[b]`` (of the batch mean,
-    via ``inv_batch``). Writes those, ``logit`` (scratch of ``W2``'s dtype)
-    and nothing else.
+    via ``inv_batch``). Writes those, the scratch ``logit`` (of ``W2``'s
+    dtype) and ``exps`` (float64, one per class) and nothing else.
     """
     hidden_size = W1.shape[1]
     classes = W2.shape[1]
@@ -278,14 +279,17 @@ def _sample_pass(
     top = -np.inf
     for c in range(classes):
         top = max(top, np.float64(logit[c]))
+    # the exponentials once, in a loop of their own that LLVM vectorises
+    for c in range(classes):
+        exps[c] = exp_nonpositive(np.float64(logit[c]) - top)
     total = 0.0
     for c in range(classes):
-        total += exp_nonpositive(np.float64(logit[c]) - top)
+        total += exps[c]
     loss = top + math.log(total) - np.float64(logit[label])
     scale = inv_batch / total
     # logit now takes this row's dL/dlogits
     for c in range(classes):
-        p_scaled = exp_nonpositive(np.float64(logit[c]) - top) * scale
+        p_scaled = exps[c] * scale
         logit[c] = (p_scaled - inv_batch) if c == label else p_scaled
         dlogits_t[c, b] = logit[c]
     back = dpre[b]
@@ -330,6 +334,7 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
     dpre = np.empty((batch_size, hidden_size), W1.dtype)
     dlogits_t = np.empty((classes, batch_size), W1.dtype)
     logit = np.empty(classes, W1.dtype)
+    exps = np.empty(classes)
     W2T = np.ascontiguousarray(W2.T)
     gW2T = np.empty((classes, hidden_size), W1.dtype)
     inv_batch = 1.0 / batch_size
@@ -352,6 +357,7 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
             dpre,
             dlogits_t,
             logit,
+            exps,
             inv_batch,
         )
     _small_grads(hidden, dpre, dlogits_t, 0, hidden_size, gb1, gW2T, gb2)
@@ -502,6 +508,7 @@ def sgd_worker(
     first_feature = feature_bounds[thread]
     last_feature = feature_bounds[thread + 1]
     logit = np.empty(classes, W1.dtype)
+    exps = np.empty(classes)
     # the step's small gradients (of gb1, only this thread's units are filled)
     gb1 = np.empty(hidden_size, W1.dtype)
     gW2T = np.empty((classes, hidden_size), W1.dtype)
@@ -527,6 +534,7 @@ def sgd_worker(
                 dpre,
                 dlogits_t,
                 logit,
+                exps,
                 inv_batch,
             )
         if not barrier(sync, threads, generation):
