@@ -117,7 +117,8 @@ def test_results_do_not_depend_on_thread_count(numba_backend, threads, monkeypat
 @pytest.mark.parametrize("thread_count", [2, 3, 5])
 def test_sgd_worker_on_any_thread_count_is_bitwise_the_serial_loop(numba_backend, thread_count):
     # More threads than cores is fine (they take turns at the barriers); the
-    # feature split is deliberately lopsided, which must not matter either.
+    # feature chunks they take are deliberately lopsided, and there are more
+    # chunks than threads, which must not matter either.
     from fastgrad.backends import _numba_kernels as kernels
     from fastgrad.backends._numba_threads import run_on_threads
 
@@ -127,7 +128,7 @@ def test_sgd_worker_on_any_thread_count_is_bitwise_the_serial_loop(numba_backend
     indices = np.random.default_rng(4).integers(0, 30, (7, 11))
     starts, columns, values = kernels.csr_rows(X)
 
-    def train(threads, feature_bounds):
+    def train(threads, chunk_bounds):
         trained = copy_params(params)
         losses = np.empty(7)
         W2T = np.ascontiguousarray(trained["W2"].T)
@@ -136,7 +137,7 @@ def test_sgd_worker_on_any_thread_count_is_bitwise_the_serial_loop(numba_backend
         run_on_threads(
             kernels.sgd_worker,
             threads,
-            feature_bounds,
+            kernels.row_cuts(starts, columns, chunk_bounds),
             *listed,
             *trained.values(),
             0.5,
@@ -146,7 +147,7 @@ def test_sgd_worker_on_any_thread_count_is_bitwise_the_serial_loop(numba_backend
         return trained, losses
 
     serial, serial_losses = train(1, np.array([0, 40]))
-    lopsided = np.linspace(0, 40, thread_count + 1).astype(np.int64) ** 2 // 40
+    lopsided = np.linspace(0, 40, 2 * thread_count + 1).astype(np.int64) ** 2 // 40
     threaded, threaded_losses = train(thread_count, lopsided)
     np.testing.assert_array_equal(threaded_losses, serial_losses)
     for name in PARAM_NAMES:

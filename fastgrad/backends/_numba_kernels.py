@@ -33,7 +33,7 @@ from numba import njit, prange
 from fastgrad.backends._numba_math import exp_nonpositive
 from fastgrad.backends._numba_math import sigmoid as _sigmoid
 from fastgrad.backends._numba_simd import gather_rows, scatter_rows
-from fastgrad.backends._numba_sync import barrier
+from fastgrad.backends._numba_sync import CHUNK_TICKETS, ROW_TICKETS, barrier, take_ticket
 
 FASTMATH = os.environ.get("FASTGRAD_NUMBA_FASTMATH", "").strip() == "1"
 
@@ -435,15 +435,30 @@ def drawn_rows_csr(x, batch_indices):
 
 
 @_serial
-def _first_at_least(columns, low, high, value):
-    """First position in sorted ``columns[low:high]`` holding ``>= value`` (``high`` if none)."""
-    while low < high:
-        middle = (low + high) >> 1
-        if columns[middle] < value:
-            low = middle + 1
-        else:
-            high = middle
-    return low
+def row_cuts(starts, columns, bounds):
+    """Where each listed row's sorted columns reach each of the feature ``bounds``.
+
+    ``cuts[n, k]`` is the first position of row ``n`` (of
+    ``columns[starts[n]:starts[n+1]]``) holding a column ``>= bounds[k]``, so
+    the row's non-zeros in features ``bounds[k]:bounds[k+1]`` are
+    ``cuts[n, k]:cuts[n, k+1]``. With ``bounds[0] = 0`` and ``bounds[-1]``
+    the feature count, ``cuts[n, 0] = starts[n]`` and ``cuts[n, -1] = starts[n+1]``.
+    """
+    rows = starts.shape[0] - 1
+    cuts = np.empty((rows, bounds.shape[0]), np.int64)
+    for n in range(rows):
+        position = starts[n]
+        end = starts[n + 1]
+        for k in range(bounds.shape[0]):
+            while position < end and columns[position] < bounds[k]:
+                position += 1
+            cuts[n, k] = position
+    return cuts
+
+
+# Batch rows handed out per ticket in the forward pass of ``sgd_worker``: a
+# few microseconds of work, against one shared atomic increment.
+ROWS_PER_TICKET = 4
 
 
 @_serial
@@ -451,7 +466,7 @@ def sgd_worker(
     thread,
     threads,
     sync,
-    feature_bounds,
+    cuts,
     starts,
     all_columns,
     all_values,
@@ -473,40 +488,43 @@ def sgd_worker(
 
     The inputs are given by their non-zeros (``csr_rows``): row ``n`` is
     ``all_columns/all_values[starts[n]:starts[n+1]]`` and ``batch_indices``
-    index those rows. ``threads`` callers run this at once on the same
+    index those rows; ``cuts`` (``row_cuts``) cuts each row into chunks of
+    input features. ``threads`` callers run this at once on the same
     arrays (``W2T``: a C-contiguous copy of ``W2.T`` on entry, kept in step
     with ``W2``; ``hidden``, ``dpre``: ``(batch, hidden)`` scratch;
     ``dlogits_t``: ``(classes, batch)``; ``row_losses``: ``(batch,)``), each
     with its own ``thread`` number, and meet at two barriers a step
     (``_numba_sync``):
 
-    1. Thread ``t`` runs forward and backward for its slice of the batch rows.
-    2. After the first barrier, it owns a slice of the hidden units (their
-       ``b1`` and ``W2`` rows), a slice of the classes (their ``b2`` and
-       ``W2T`` rows) and the input features ``feature_bounds[t]:feature_bounds[t+1]``
-       (their ``W1`` rows); thread 0 also records the step's loss. The
-       second barrier closes the step.
+    1. The threads take the batch rows a few at a time (``take_ticket``) and
+       run forward and backward for them.
+    2. After the first barrier, thread ``t`` owns a slice of the hidden
+       units (their ``b1`` and ``W2`` rows) and a slice of the classes
+       (their ``b2`` and ``W2T`` rows); thread 0 also records the step's
+       loss. Then the threads take the feature chunks of ``cuts`` one at a
+       time and update those ``W1`` rows. The second barrier closes the step.
 
-    No two threads write the same element, and every sum runs in an order
-    that does not depend on the split, so the result is bitwise the same
-    for any number of threads. The ``W1`` update is applied per non-zero
-    input (``W1[i] -= lr*x[n,i]*dpre[n]``, in batch order) rather than
-    through a dense ``x.T @ dpre``: all-zero input columns get no update at
-    all, exactly as ``W1 -= lr * 0`` leaves them. (Regrouping the batch by
-    feature, so that each ``W1`` row is read and written once a step,
-    measured slower: its scattered stores cost more than the row traffic
-    it saves.)
+    Taking work by tickets rather than fixed shares keeps both cores busy
+    when one runs slower (a VM's vCPUs often do). Which thread computes a
+    row or a chunk does not change its arithmetic: no two threads write the
+    same element, and every sum runs in an order that does not depend on the
+    split, so the result is bitwise the same for any number of threads.
+
+    The ``W1`` update is applied per non-zero input (``W1[i] -=
+    lr*x[n,i]*dpre[n]``, in batch order) rather than through a dense
+    ``x.T @ dpre``: all-zero input columns get no update at all, exactly as
+    ``W1 -= lr * 0`` leaves them. (Regrouping the batch by feature, so that
+    each ``W1`` row is read and written once a step, measured slower: its
+    scattered stores cost more than the row traffic it saves.)
     """
     steps, batch_size = batch_indices.shape
     hidden_size, classes = W2.shape
-    first_row = batch_size * thread // threads
-    last_row = batch_size * (thread + 1) // threads
+    chunks = cuts.shape[1] - 1
+    row_tickets = (batch_size + ROWS_PER_TICKET - 1) // ROWS_PER_TICKET
     first_unit = hidden_size * thread // threads
     last_unit = hidden_size * (thread + 1) // threads
     first_class = classes * thread // threads
     last_class = classes * (thread + 1) // threads
-    first_feature = feature_bounds[thread]
-    last_feature = feature_bounds[thread + 1]
     logit = np.empty(classes, W1.dtype)
     exps = np.empty(classes)
     # the step's small gradients (of gb1, only this thread's units are filled)
@@ -516,30 +534,39 @@ def sgd_worker(
     inv_batch = 1.0 / batch_size
     generation = 0
     for step in range(steps):
-        for b in range(first_row, last_row):
-            n = batch_indices[step, b]
-            row_losses[b] = _sample_pass(
-                all_columns,
-                all_values,
-                starts[n],
-                starts[n + 1],
-                b,
-                labels[n],
-                W1,
-                b1,
-                W2,
-                W2T,
-                b2,
-                hidden,
-                dpre,
-                dlogits_t,
-                logit,
-                exps,
-                inv_batch,
-            )
+        ticket = take_ticket(sync, ROW_TICKETS, threads)
+        while ticket < row_tickets:
+            for b in range(
+                ticket * ROWS_PER_TICKET, min(batch_size, (ticket + 1) * ROWS_PER_TICKET)
+            ):
+                n = batch_indices[step, b]
+                row_losses[b] = _sample_pass(
+                    all_columns,
+                    all_values,
+                    starts[n],
+                    starts[n + 1],
+                    b,
+                    labels[n],
+                    W1,
+                    b1,
+                    W2,
+                    W2T,
+                    b2,
+                    hidden,
+                    dpre,
+                    dlogits_t,
+                    logit,
+                    exps,
+                    inv_batch,
+                )
+            ticket = take_ticket(sync, ROW_TICKETS, threads)
         if not barrier(sync, threads, generation):
             return
         generation += 1
+        if thread == 0:
+            # every thread has taken its last row ticket; none takes another
+            # before the next step, after the second barrier
+            sync[ROW_TICKETS] = 0
         _small_grads(hidden, dpre, dlogits_t, first_unit, last_unit, gb1, gW2T, gb2)
         # W2 by rows (hidden units) and its copy W2T by rows (classes): the
         # same update of the same values keeps them equal, and no cache line
@@ -557,15 +584,20 @@ def sgd_worker(
             for b in range(batch_size):
                 total += row_losses[b]
             losses[step] = total * inv_batch
-        for b in range(batch_size):
-            n = batch_indices[step, b]
-            # a row's columns are sorted: this thread's features are a slice of them
-            first = _first_at_least(all_columns, starts[n], starts[n + 1], first_feature)
-            last = _first_at_least(all_columns, first, starts[n + 1], last_feature)
-            scatter_rows(W1, dpre[b], all_columns, all_values, first, last, lr)
+        chunk = take_ticket(sync, CHUNK_TICKETS, threads)
+        while chunk < chunks:
+            for b in range(batch_size):
+                n = batch_indices[step, b]
+                first, last = cuts[n, chunk], cuts[n, chunk + 1]
+                scatter_rows(W1, dpre[b], all_columns, all_values, first, last, lr)
+            chunk = take_ticket(sync, CHUNK_TICKETS, threads)
         if not barrier(sync, threads, generation):
             return
         generation += 1
+        if thread == 0:
+            # likewise: no chunk ticket is taken again before the first
+            # barrier of the next step
+            sync[CHUNK_TICKETS] = 0
 
 
 # ------------------------------------------------- numerical gradient (fast)

@@ -15,6 +15,11 @@ barrier and a slow thread still leaving this one. ``sync[ABORT]`` set to
 non-zero (by the Python side, when a thread failed before it got going)
 releases every waiter, which then returns early.
 
+Work between two barriers can be handed out by ``take_ticket``: each call
+returns the next number of a shared counter, so threads that run faster
+(a VM's cores are not always equally fast) simply take more pieces. The
+owner of a counter resets it at a point where no thread takes from it.
+
 Memory ordering: the increment is a sequentially consistent read-modify-write
 and the wait is an acquire load, so everything a thread wrote before the
 barrier is visible to every thread after it (C++ release/acquire rules, which
@@ -32,11 +37,14 @@ import llvmlite.ir as llvm_ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-# Slots of the int64 ``sync`` array; the counter and the abort flag sit on
-# different cache lines so that spinning on one does not bounce the other.
+# Slots of the int64 ``sync`` array, each on its own cache line so that
+# spinning on one does not bounce the others: the barrier's counter, the
+# abort flag, and two ticket counters that hand out work (``take_ticket``).
 COUNTER = 0
 ABORT = 8
-SYNC_SLOTS = 16
+ROW_TICKETS = 16
+CHUNK_TICKETS = 24
+SYNC_SLOTS = 32
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
@@ -105,3 +113,20 @@ def barrier(sync, threads, generation):
             return False
         _spin_pause()
     return True
+
+
+@njit(cache=True, nogil=True)
+def take_ticket(sync, slot, threads):
+    """The next number (0, 1, 2, ...) of the counter ``sync[slot]``, shared by ``threads``.
+
+    >>> import numpy as np
+    >>> sync = np.zeros(SYNC_SLOTS, np.int64)
+    >>> [take_ticket(sync, ROW_TICKETS, 1) for _ in range(3)]
+    [0, 1, 2]
+    """
+    if threads == 1:
+        # no other thread: a plain increment (also what runs without JIT)
+        ticket = sync[slot]
+        sync[slot] = ticket + 1
+        return ticket
+    return _fetch_add(sync, slot, 1)

@@ -10,6 +10,7 @@ any dtype other than float32/float64) runs the reference kernel via
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import threading
 import time
@@ -42,6 +43,11 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 # Below this many rows per thread, a forward pass is not worth a thread start.
 _ROWS_PER_THREAD = 2048
+
+# Feature chunks of the W1 update per training thread: enough that a thread
+# on a slower core takes fewer of them, few enough that the per-chunk pass
+# over the batch rows stays cheap.
+CHUNKS_PER_THREAD = 4
 
 
 class _CompileClock(numba_event.Listener):
@@ -90,7 +96,7 @@ class SparseRows:
     accepts it wherever it accepts the dense ``X``. Row ``n`` of ``dense``
     has its non-zeros at ``columns/values[starts[n]:starts[n + 1]]``;
     ``column_counts[i]`` is how many rows have feature ``i`` non-zero (it
-    splits the ``W1`` update between threads).
+    cuts the ``W1`` update into chunks for the threads, see ``feature_cuts``).
 
     Example:
         >>> import numpy as np
@@ -105,6 +111,15 @@ class SparseRows:
     columns: np.ndarray
     values: np.ndarray
     column_counts: np.ndarray
+    _cuts: dict[int, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+
+    def feature_cuts(self, chunks: int) -> np.ndarray:
+        """``_feature_cuts`` of these rows, computed once per chunk count."""
+        if chunks not in self._cuts:
+            self._cuts[chunks] = _feature_cuts(
+                self.starts, self.columns, self.column_counts, chunks
+            )
+        return self._cuts[chunks]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -387,11 +402,13 @@ class NumbaBackend(Backend):
         losses = np.empty(rows.shape[0], dtype=np.float64)
         if gradient == "backprop":
             if sparse is not None and sparse.values.dtype == W1.dtype:
-                listed = (sparse.starts, sparse.columns, sparse.values, sparse.column_counts)
+                listed = (sparse.starts, sparse.columns, sparse.values, sparse.feature_cuts)
             else:
                 starts, columns, values, used, rows = kernels.drawn_rows_csr(x, rows)
                 targets = targets[used]
-                listed = (starts, columns, values, kernels.column_counts(columns, x.shape[1]))
+                counts = kernels.column_counts(columns, x.shape[1])
+                cuts_of = functools.partial(_feature_cuts, starts, columns, counts)
+                listed = (starts, columns, values, cuts_of)
             _sgd_backprop_threaded(*listed, targets, rows, (W1, b1, W2, b2), lr, losses)
         else:
             kernels.sgd_steps_numerical(
@@ -537,7 +554,7 @@ def _sgd_backprop_threaded(
     starts: np.ndarray,
     columns: np.ndarray,
     values: np.ndarray,
-    column_counts: np.ndarray,
+    cuts_of: Callable[[int], np.ndarray],
     labels: np.ndarray,
     batch_indices: np.ndarray,
     params: tuple[np.ndarray, ...],
@@ -546,9 +563,10 @@ def _sgd_backprop_threaded(
 ) -> None:
     """``kernels.sgd_worker`` on ``numba.get_num_threads()`` threads (at most one per batch row).
 
-    The features are split so that each thread's share of the ``W1``
-    update has about as many non-zeros; the result does not depend on the
-    split or on the thread count.
+    ``cuts_of(chunks)`` gives the rows' ``_feature_cuts``. The ``W1``
+    update is cut into a few feature chunks per thread, of about as many
+    non-zeros each, that the threads take as they come free; the result
+    does not depend on the chunks or on the thread count.
     """
     W1, b1, W2, b2 = params
     batch_size = batch_indices.shape[1]
@@ -557,7 +575,7 @@ def _sgd_backprop_threaded(
     run_on_threads(
         kernels.sgd_worker,
         threads,
-        _balanced_split(column_counts, threads),
+        cuts_of(1 if threads == 1 else CHUNKS_PER_THREAD * threads),
         starts,
         columns,
         values,
@@ -575,6 +593,19 @@ def _sgd_backprop_threaded(
         np.empty((classes, batch_size), W1.dtype),
         np.empty(batch_size),
     )
+
+
+def _feature_cuts(
+    starts: np.ndarray, columns: np.ndarray, column_counts: np.ndarray, chunks: int
+) -> np.ndarray:
+    """``kernels.row_cuts`` of the listed rows at ``chunks`` feature chunks of ~equal non-zeros.
+
+    Example:
+        >>> starts, columns = np.array([0, 2, 3]), np.array([0, 3, 2], np.int32)
+        >>> _feature_cuts(starts, columns, np.array([1, 0, 1, 1]), 2).tolist()
+        [[0, 1, 2], [2, 3, 3]]
+    """
+    return kernels.row_cuts(starts, columns, _balanced_split(column_counts, chunks))
 
 
 def _balanced_split(counts: np.ndarray, parts: int) -> np.ndarray:
