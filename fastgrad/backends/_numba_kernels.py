@@ -30,7 +30,7 @@ import os
 import numpy as np
 from numba import njit, prange
 
-from fastgrad.backends._numba_math import exp_nonpositive
+from fastgrad.backends._numba_math import exp_nonpositive, sigmoid_in_own_precision
 from fastgrad.backends._numba_math import sigmoid as _sigmoid
 from fastgrad.backends._numba_simd import gather_rows, scatter_rows
 from fastgrad.backends._numba_sync import CHUNK_TICKETS, ROW_TICKETS, barrier, take_ticket
@@ -272,7 +272,7 @@ def _sample_pass(
     # x @ W1 over the listed non-zeros, four inputs per pass (a reassociation)
     gather_rows(W1, row, cols, vals, first, last)
     for j in range(hidden_size):
-        row[j] = _sigmoid(np.float64(row[j]))
+        row[j] = sigmoid_in_own_precision(row[j])
     logit[:] = b2
     gather_rows(W2, logit, None, row, 0, hidden_size)
     # softmax cross-entropy in float64, whatever the dtype

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import math
 
+import llvmlite.ir as llvm_ir
 import numba
 import numpy as np
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 _JIT_DISABLED = bool(getattr(numba.config, "DISABLE_JIT", 0))
 
@@ -127,3 +128,124 @@ def sigmoid(x):
     e = exp_nonpositive(-abs(x))
     inverse = 1.0 / (1.0 + e)
     return inverse if x >= 0 else e * inverse
+
+
+# ---------------------------------------------------------------- float32
+# The same scheme in float32 arithmetic, for float32 training: eight lanes
+# per AVX register instead of four, and a shorter polynomial.
+_F32 = np.float32
+_LOG2_E_32 = _F32(1.4426950408889634)
+# ln 2 split in two: the high part has 9 significant bits, so n * high is
+# exact for the |n| <= 150 that float32 needs.
+_LN2_HIGH_32 = _F32(0.693359375)
+_LN2_LOW_32 = _F32(0.6931471805599453 - 0.693359375)
+# Below this expf rounds to zero (under half the smallest float32 denormal).
+_EXP_ZERO_BELOW_32 = _F32(-104.0)
+# Taylor coefficients 1/k! to degree 7: the truncation error on
+# |r| <= ln(2)/2 is under 6e-9 relative, a tenth of float32's epsilon.
+_TAYLOR_32 = tuple(_F32(1.0 / math.factorial(k)) for k in range(8))
+# Adding 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to an integer.
+_ROUNDER_32 = _F32(1.5 * 2.0**23)
+_ROUNDER_BITS_32 = int(np.array(_ROUNDER_32).view(np.int32))
+_ONE_32 = _F32(1.0)
+_ZERO_32 = _F32(0.0)
+
+
+def _scale_factors_python(rounded, part):
+    n = int(np.array(rounded, np.float32).view(np.int32)) - _ROUNDER_BITS_32
+    exponent = n >> 1 if part == 0 else n - (n >> 1)
+    return float(np.array((exponent + 127) << 23, np.int32).view(np.float32))
+
+
+if _JIT_DISABLED:
+
+    def _scale_factor_32(rounded, part):
+        return _F32(_scale_factors_python(rounded, part))
+
+else:
+
+    @intrinsic
+    def _scale_factor_32(typingctx, rounded, part):
+        """One of two float32 factors whose product is ``2**n``, ``n`` read from ``rounded``.
+
+        ``rounded`` is ``x + _ROUNDER_32`` with ``n`` in its low bits; part 0
+        is ``2**(n >> 1)``, part 1 ``2**(n - (n >> 1))``. Both are normal
+        floats for ``-150 <= n <= 128``, so ``p * first * second`` rounds
+        once even where ``2**n`` alone would be denormal. Integer work in
+        int32 lanes (Numba's own integers would widen to int64).
+        """
+        if not isinstance(part, types.IntegerLiteral):
+            raise numba.core.errors.TypingError("part must be the literal 0 or 1")
+        which = part.literal_value
+
+        def codegen(context, builder, sig, args):
+            int32 = llvm_ir.IntType(32)
+            bits = builder.bitcast(args[0], int32)
+            n = builder.sub(bits, int32(_ROUNDER_BITS_32))
+            half = builder.ashr(n, int32(1))
+            exponent = half if which == 0 else builder.sub(n, half)
+            biased = builder.shl(builder.add(exponent, int32(127)), int32(23))
+            return builder.bitcast(biased, llvm_ir.FloatType())
+
+        return types.float32(types.float32, part), codegen
+
+
+@_kernel
+def exp_nonpositive_32(x):
+    """``exp(x)`` for float32 ``x <= 0`` (and NaN) in float32 arithmetic, without a branch.
+
+    Within 2 ulp (float32) of the correctly rounded result.
+
+    >>> float(exp_nonpositive_32(np.float32(-1.0)))  # doctest: +ELLIPSIS
+    0.3678794...
+    >>> exp_nonpositive_32(np.float32(-200.0)), exp_nonpositive_32(np.float32(-math.inf))
+    (0.0, 0.0)
+    """
+    clamped = x if x >= _EXP_ZERO_BELOW_32 else _EXP_ZERO_BELOW_32
+    rounded = clamped * _LOG2_E_32 + _ROUNDER_32
+    whole = rounded - _ROUNDER_32
+    r = (clamped - whole * _LN2_HIGH_32) - whole * _LN2_LOW_32
+    r2 = r * r
+    tail = (_TAYLOR_32[4] + _TAYLOR_32[5] * r) + (_TAYLOR_32[6] + _TAYLOR_32[7] * r) * r2
+    p = _TAYLOR_32[3] + r * tail
+    p = _TAYLOR_32[2] + r * p
+    p = _TAYLOR_32[1] + r * p
+    p = _TAYLOR_32[0] + r * p
+    result = p * _scale_factor_32(rounded, 0) * _scale_factor_32(rounded, 1)
+    return result if x == x else x
+
+
+@_kernel
+def sigmoid_32(x):
+    """``1 / (1 + exp(-x))`` for float32 ``x``, in float32 arithmetic.
+
+    >>> float(sigmoid_32(np.float32(0.0))), float(sigmoid_32(np.float32(200.0)))
+    (0.5, 1.0)
+    """
+    e = exp_nonpositive_32(-abs(x))
+    inverse = _ONE_32 / (_ONE_32 + e)
+    return inverse if x >= _ZERO_32 else e * inverse
+
+
+def sigmoid_in_own_precision(x):
+    """``sigmoid`` in the precision of ``x``: float32 arithmetic for a float32, float64 otherwise.
+
+    The training pass of a float32 net uses it: eight lanes per AVX
+    register and a shorter polynomial, within 3 float32 ulp of the exact
+    sigmoid (``sigmoid`` rounded to float32 is within 1).
+
+    >>> float(sigmoid_in_own_precision(np.float32(0.0))), sigmoid_in_own_precision(0.0)
+    (0.5, 0.5)
+    """
+    if isinstance(x, np.float32):
+        return sigmoid_32(x)
+    return sigmoid(np.float64(x))
+
+
+if not _JIT_DISABLED:
+
+    @overload(sigmoid_in_own_precision, inline="always")
+    def _sigmoid_in_own_precision_typed(x):
+        if x == types.float32:
+            return lambda x: sigmoid_32(x)
+        return lambda x: sigmoid(np.float64(x))
