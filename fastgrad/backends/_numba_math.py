@@ -198,8 +198,8 @@ def exp_nonpositive_32(x):
 
     >>> float(exp_nonpositive_32(np.float32(-1.0)))  # doctest: +ELLIPSIS
     0.3678794...
-    >>> exp_nonpositive_32(np.float32(-200.0)), exp_nonpositive_32(np.float32(-math.inf))
-    (0.0, 0.0)
+    >>> [float(exp_nonpositive_32(np.float32(x))) for x in (-200.0, -math.inf)]
+    [0.0, 0.0]
     """
     clamped = x if x >= _EXP_ZERO_BELOW_32 else _EXP_ZERO_BELOW_32
     rounded = clamped * _LOG2_E_32 + _ROUNDER_32
@@ -234,7 +234,7 @@ def sigmoid_in_own_precision(x):
     register and a shorter polynomial, within 3 float32 ulp of the exact
     sigmoid (``sigmoid`` rounded to float32 is within 1).
 
-    >>> float(sigmoid_in_own_precision(np.float32(0.0))), sigmoid_in_own_precision(0.0)
+    >>> float(sigmoid_in_own_precision(np.float32(0.0))), float(sigmoid_in_own_precision(0.0))
     (0.5, 0.5)
     """
     if isinstance(x, np.float32):
