@@ -33,7 +33,7 @@ from numba import njit, prange
 from fastgrad.backends._numba_math import exp_nonpositive, sigmoid_in_own_precision
 from fastgrad.backends._numba_math import sigmoid as _sigmoid
 from fastgrad.backends._numba_simd import gather_rows, scatter_rows
-from fastgrad.backends._numba_sync import CHUNK_TICKETS, ROW_TICKETS, barrier, take_ticket
+from fastgrad.backends._numba_sync import ROW_TICKETS, barrier, take_ticket, thread_slot
 
 FASTMATH = os.environ.get("FASTGRAD_NUMBA_FASTMATH", "").strip() == "1"
 
@@ -502,7 +502,9 @@ def sgd_worker(
        units (their ``b1`` and ``W2`` rows) and a slice of the classes
        (their ``b2`` and ``W2T`` rows); thread 0 also records the step's
        loss. Then the threads take the feature chunks of ``cuts`` one at a
-       time and update those ``W1`` rows. The second barrier closes the step.
+       time and update those ``W1`` rows: each its own share of the chunks
+       first, then what is left of the others'. The second barrier closes
+       the step.
 
     Taking work by tickets rather than fixed shares keeps both cores busy
     when one runs slower (a VM's vCPUs often do). Which thread computes a
@@ -584,20 +586,27 @@ def sgd_worker(
             for b in range(batch_size):
                 total += row_losses[b]
             losses[step] = total * inv_batch
-        chunk = take_ticket(sync, CHUNK_TICKETS, threads)
-        while chunk < chunks:
-            for b in range(batch_size):
-                n = batch_indices[step, b]
-                first, last = cuts[n, chunk], cuts[n, chunk + 1]
-                scatter_rows(W1, dpre[b], all_columns, all_values, first, last, lr)
-            chunk = take_ticket(sync, CHUNK_TICKETS, threads)
+        # Each thread first takes its own chunks (the W1 rows it updated last
+        # step are still in its cache), then helps with the others' in turn.
+        for turn in range(threads):
+            owner = (thread + turn) % threads
+            first_chunk = chunks * owner // threads
+            last_chunk = chunks * (owner + 1) // threads
+            chunk = first_chunk + take_ticket(sync, thread_slot(owner), threads)
+            while chunk < last_chunk:
+                for b in range(batch_size):
+                    n = batch_indices[step, b]
+                    first, last = cuts[n, chunk], cuts[n, chunk + 1]
+                    scatter_rows(W1, dpre[b], all_columns, all_values, first, last, lr)
+                chunk = first_chunk + take_ticket(sync, thread_slot(owner), threads)
         if not barrier(sync, threads, generation):
             return
         generation += 1
         if thread == 0:
             # likewise: no chunk ticket is taken again before the first
             # barrier of the next step
-            sync[CHUNK_TICKETS] = 0
+            for owner in range(threads):
+                sync[thread_slot(owner)] = 0
 
 
 # ------------------------------------------------- numerical gradient (fast)
