@@ -22,34 +22,22 @@ from fastgrad.backends._numba_math import (  # noqa: E402
 pytestmark = pytest.mark.jit
 
 
-@numba.njit(error_model="numpy")
-def _exp_all(x, out):
-    for i in range(x.shape[0]):
-        out[i] = exp_nonpositive(x[i])
+def _over_array(scalar_function):
+    """A compiled loop applying ``scalar_function`` to each element: ``apply(x, out)``."""
+
+    @numba.njit(error_model="numpy")
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[i] = scalar_function(x[i])
+
+    return apply
 
 
-@numba.njit(error_model="numpy")
-def _sigmoid_all(x, out):
-    for i in range(x.shape[0]):
-        out[i] = sigmoid(x[i])
-
-
-@numba.njit(error_model="numpy")
-def _exp_32_all(x, out):
-    for i in range(x.shape[0]):
-        out[i] = exp_nonpositive_32(x[i])
-
-
-@numba.njit(error_model="numpy")
-def _sigmoid_32_all(x, out):
-    for i in range(x.shape[0]):
-        out[i] = sigmoid_32(x[i])
-
-
-@numba.njit(error_model="numpy")
-def _own_precision_all(x, out):
-    for i in range(x.shape[0]):
-        out[i] = sigmoid_in_own_precision(x[i])
+_exp_all = _over_array(exp_nonpositive)
+_sigmoid_all = _over_array(sigmoid)
+_exp_32_all = _over_array(exp_nonpositive_32)
+_sigmoid_32_all = _over_array(sigmoid_32)
+_own_precision_all = _over_array(sigmoid_in_own_precision)
 
 
 def _ulps(got, expected):

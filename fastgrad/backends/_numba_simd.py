@@ -132,12 +132,7 @@ class _Operands:
 
     def block_pointer(self, position, row, column):
         """Pointer to the vector ``array[row, column : column + width]`` (``row`` None: 1-d)."""
-        _, view = self.arrays[position]
-        offset = column
-        if row is not None:
-            row_length = self.builder.extract_value(view.shape, 1)
-            offset = self.builder.add(self.builder.mul(row, row_length), column)
-        pointer = self.builder.gep(view.data, [offset])
+        pointer = self.element_pointer(position, row, column)
         return self.builder.bitcast(pointer, self.vector.as_pointer())
 
     def piece_pointer(self, start, offset):
