@@ -151,16 +151,12 @@ _ONE_32 = _F32(1.0)
 _ZERO_32 = _F32(0.0)
 
 
-def _scale_factors_python(rounded, part):
-    n = int(np.array(rounded, np.float32).view(np.int32)) - _ROUNDER_BITS_32
-    exponent = n >> 1 if part == 0 else n - (n >> 1)
-    return float(np.array((exponent + 127) << 23, np.int32).view(np.float32))
-
-
 if _JIT_DISABLED:
 
     def _scale_factor_32(rounded, part):
-        return _F32(_scale_factors_python(rounded, part))
+        n = int(np.array(rounded, np.float32).view(np.int32)) - _ROUNDER_BITS_32
+        exponent = n >> 1 if part == 0 else n - (n >> 1)
+        return np.array((exponent + 127) << 23, np.int32).view(np.float32)[()]
 
 else:
 
