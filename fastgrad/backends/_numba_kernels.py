@@ -33,7 +33,7 @@ from numba import njit, prange
 from fastgrad.backends._numba_math import exp_nonpositive, sigmoid_in_own_precision
 from fastgrad.backends._numba_math import sigmoid as _sigmoid
 from fastgrad.backends._numba_simd import gather_rows, scatter_rows
-from fastgrad.backends._numba_sync import ROW_TICKETS, barrier, take_ticket, thread_slot
+from fastgrad.backends._numba_sync import ROW_TICKETS, barrier, take_ticket
 
 FASTMATH = os.environ.get("FASTGRAD_NUMBA_FASTMATH", "").strip() == "1"
 
@@ -236,46 +236,13 @@ def _compact_row(x, n, col_row, val_row):
 
 
 @_serial
-def _sample_pass(
-    cols,
-    vals,
-    first,
-    last,
-    b,
-    label,
-    W1,
-    b1,
-    W2,
-    W2T,
-    b2,
-    hidden,
-    dpre,
-    dlogits_t,
-    logit,
-    exps,
-    inv_batch,
-):
-    """Forward and backward of the row listed as ``cols/vals[first:last]``, as batch row ``b``.
+def _softmax_backward(logit, label, exps, inv_batch):
+    """One row's softmax cross-entropy: returns its loss and turns ``logit`` into ``dL/dlogits``.
 
-    ``W2T`` is ``W2.T`` as a C-contiguous copy, so that ``dlogits @ W2.T``
-    runs along its rows. Returns the row's loss; leaves its hidden
-    activations in ``hidden[b]``, ``dL/dlogits`` in column ``b`` of
-    ``dlogits_t`` (classes by batch, the layout ``dlogits.T @ hidden``
-    reads) and ``dL/d(pre-activation)`` in ``dpre[b]`` (of the batch mean,
-    via ``inv_batch``). Writes those, the scratch ``logit`` (of ``W2``'s
-    dtype) and ``exps`` (float64, one per class) and nothing else.
+    In float64 whatever the dtype; ``dL/dlogits`` is of the batch mean (via
+    ``inv_batch``). ``exps`` is float64 scratch, one per class.
     """
-    hidden_size = W1.shape[1]
-    classes = W2.shape[1]
-    row = hidden[b]
-    row[:] = b1
-    # x @ W1 over the listed non-zeros, four inputs per pass (a reassociation)
-    gather_rows(W1, row, cols, vals, first, last)
-    for j in range(hidden_size):
-        row[j] = sigmoid_in_own_precision(row[j])
-    logit[:] = b2
-    gather_rows(W2, logit, None, row, 0, hidden_size)
-    # softmax cross-entropy in float64, whatever the dtype
+    classes = logit.shape[0]
     top = -np.inf
     for c in range(classes):
         top = max(top, np.float64(logit[c]))
@@ -287,38 +254,69 @@ def _sample_pass(
         total += exps[c]
     loss = top + math.log(total) - np.float64(logit[label])
     scale = inv_batch / total
-    # logit now takes this row's dL/dlogits
     for c in range(classes):
         p_scaled = exps[c] * scale
         logit[c] = (p_scaled - inv_batch) if c == label else p_scaled
-        dlogits_t[c, b] = logit[c]
-    back = dpre[b]
-    back[:] = 0
-    gather_rows(W2T, back, None, logit, 0, classes)
-    for j in range(hidden_size):
-        hv = row[j]
-        back[j] = back[j] * (hv * (1 - hv))
     return loss
 
 
 @_serial
-def _small_grads(hidden, dpre, dlogits_t, first_unit, last_unit, gb1, gW2T, gb2):
-    """``gb1 = sum(dpre)``, ``gW2.T = dlogits.T @ hidden``, ``gb2 = sum(dlogits)``.
+def _backward_to_hidden(W2T, dlogit, hidden_row, units, back):
+    """``back = (dlogit @ W2T) * h * (1 - h)``: ``dL/d(pre-activation)`` of ``units`` hidden units.
 
-    Only hidden units ``first_unit:last_unit`` of ``gb1`` are written (a
-    thread's share); ``gW2T`` and ``gb2`` are small enough for every thread
-    to compute whole. Each sum runs over the batch in one fixed order.
+    ``W2T`` is ``W2.T`` as a C-contiguous copy (so that the product runs
+    along its rows), possibly wider than ``units`` (padded); ``back``'s
+    extra lanes get the padding columns' product without the factor.
+    """
+    back[:] = 0
+    gather_rows(W2T, back, None, dlogit, 0, W2T.shape[0])
+    for j in range(units):
+        hv = hidden_row[j]
+        back[j] = back[j] * (hv * (1 - hv))
+
+
+@_serial
+def _hidden_pass(W1, b1, cols, vals, first, last, row):
+    """``row[:len(b1)] = sigmoid(b1 + x @ W1)`` for the input listed as ``cols/vals[first:last]``.
+
+    ``row`` and ``W1`` may be wider than ``b1`` (padded); the extra lanes
+    get ``x @ W1`` of the padding columns, without the sigmoid.
+    """
+    units = b1.shape[0]
+    row[:units] = b1
+    row[units:] = 0
+    # x @ W1 over the listed non-zeros, four inputs per pass (a reassociation)
+    gather_rows(W1, row, cols, vals, first, last)
+    for j in range(units):
+        row[j] = sigmoid_in_own_precision(row[j])
+
+
+@_serial
+def _unit_grads(hidden, dpre, dlogits_t, gb1, gW2T):
+    """``gb1 = sum(dpre)`` and ``gW2.T = dlogits.T @ hidden`` over the batch for ``len(gb1)`` units.
+
+    ``hidden``, ``dpre`` and ``gW2T`` may be wider than ``gb1`` (padded):
+    ``gW2T`` then also takes the padding columns' products. Each sum runs
+    over the batch in one fixed order, lane by lane, so a unit's gradients
+    do not depend on which other units share the call.
     """
     batch_size = hidden.shape[0]
-    gb1[first_unit:last_unit] = 0
+    units = gb1.shape[0]
+    gb1[:] = 0
     for b in range(batch_size):
-        for j in range(first_unit, last_unit):
+        for j in range(units):
             gb1[j] += dpre[b, j]
     for c in range(dlogits_t.shape[0]):
         gW2T[c] = 0
         gather_rows(hidden, gW2T[c], None, dlogits_t[c], 0, batch_size)
+
+
+@_serial
+def _class_grads(dlogits_t, first_class, last_class, gb2):
+    """``gb2[c] = sum(dlogits[:, c])`` for classes ``first_class:last_class``, in batch order."""
+    for c in range(first_class, last_class):
         gb2[c] = 0
-        for b in range(batch_size):
+        for b in range(dlogits_t.shape[1]):
             gb2[c] += dlogits_t[c, b]
 
 
@@ -332,8 +330,7 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
     counts = np.empty(batch_size, np.int64)
     hidden = np.empty((batch_size, hidden_size), W1.dtype)
     dpre = np.empty((batch_size, hidden_size), W1.dtype)
-    dlogits_t = np.empty((classes, batch_size), W1.dtype)
-    logit = np.empty(classes, W1.dtype)
+    dlogits = np.empty((batch_size, classes), W1.dtype)
     exps = np.empty(classes)
     W2T = np.ascontiguousarray(W2.T)
     gW2T = np.empty((classes, hidden_size), W1.dtype)
@@ -341,26 +338,19 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
     loss = 0.0
     for n in range(batch_size):
         counts[n] = _compact_row(x, n, cols[n], vals[n])
-        loss += _sample_pass(
-            cols[n],
-            vals[n],
-            0,
-            counts[n],
-            n,
-            labels[n],
-            W1,
-            b1,
-            W2,
-            W2T,
-            b2,
-            hidden,
-            dpre,
-            dlogits_t,
-            logit,
-            exps,
-            inv_batch,
-        )
-    _small_grads(hidden, dpre, dlogits_t, 0, hidden_size, gb1, gW2T, gb2)
+        _hidden_pass(W1, b1, cols[n], vals[n], 0, counts[n], hidden[n])
+        # hidden @ W2 apart, then + b2: the association of sgd_worker's
+        # single-block case, whose steps this kernel's gradient must match
+        logit = dlogits[n]
+        logit[:] = 0
+        gather_rows(W2, logit, None, hidden[n], 0, hidden_size)
+        for c in range(classes):
+            logit[c] = b2[c] + logit[c]
+        loss += _softmax_backward(logit, labels[n], exps, inv_batch)
+        _backward_to_hidden(W2T, logit, hidden[n], hidden_size, dpre[n])
+    dlogits_t = np.ascontiguousarray(dlogits.T)
+    _unit_grads(hidden, dpre, dlogits_t, gb1, gW2T)
+    _class_grads(dlogits_t, 0, classes, gb2)
     gW2[:] = gW2T.T
     gW1[:] = 0
     for b in range(batch_size):
@@ -398,15 +388,6 @@ def csr_rows(x):
 
 
 @_serial
-def column_counts(columns, features):
-    """How many listed non-zeros each input feature has (``bincount`` of ``columns``)."""
-    counts = np.zeros(features, np.int64)
-    for k in range(columns.shape[0]):
-        counts[columns[k]] += 1
-    return counts
-
-
-@_serial
 def drawn_rows_csr(x, batch_indices):
     """CSR of the distinct rows ``batch_indices`` draws from dense ``x``, in first-use order.
 
@@ -434,30 +415,9 @@ def drawn_rows_csr(x, batch_indices):
     return starts, columns, values, used, local
 
 
-@_serial
-def row_cuts(starts, columns, bounds):
-    """Where each listed row's sorted columns reach each of the feature ``bounds``.
-
-    ``cuts[n, k]`` is the first position of row ``n`` (of
-    ``columns[starts[n]:starts[n+1]]``) holding a column ``>= bounds[k]``, so
-    the row's non-zeros in features ``bounds[k]:bounds[k+1]`` are
-    ``cuts[n, k]:cuts[n, k+1]``. With ``bounds[0] = 0`` and ``bounds[-1]``
-    the feature count, ``cuts[n, 0] = starts[n]`` and ``cuts[n, -1] = starts[n+1]``.
-    """
-    rows = starts.shape[0] - 1
-    cuts = np.empty((rows, bounds.shape[0]), np.int64)
-    for n in range(rows):
-        position = starts[n]
-        end = starts[n + 1]
-        for k in range(bounds.shape[0]):
-            while position < end and columns[position] < bounds[k]:
-                position += 1
-            cuts[n, k] = position
-    return cuts
-
-
-# Batch rows handed out per ticket in the forward pass of ``sgd_worker``: a
-# few microseconds of work, against one shared atomic increment.
+# Batch rows handed out per ticket in the output-layer phase of
+# ``sgd_worker``: a few microseconds of work, against one shared atomic
+# increment.
 ROWS_PER_TICKET = 4
 
 
@@ -466,147 +426,155 @@ def sgd_worker(
     thread,
     threads,
     sync,
-    cuts,
+    unit_bounds,
     starts,
     all_columns,
     all_values,
     labels,
     batch_indices,
-    W1,
+    W1_blocks,
     b1,
     W2,
     b2,
     lr,
     losses,
-    W2T,
-    hidden,
-    dpre,
-    dlogits_t,
+    W2T_blocks,
+    hidden_blocks,
+    dpre_blocks,
+    partial_logits,
+    dlogits,
     row_losses,
 ):
     """Thread ``thread``'s share of ``len(batch_indices)`` SGD steps by backprop, in place.
 
     The inputs are given by their non-zeros (``csr_rows``): row ``n`` is
     ``all_columns/all_values[starts[n]:starts[n+1]]`` and ``batch_indices``
-    index those rows; ``cuts`` (``row_cuts``) cuts each row into chunks of
-    input features. ``threads`` callers run this at once on the same
-    arrays (``W2T``: a C-contiguous copy of ``W2.T`` on entry, kept in step
-    with ``W2``; ``hidden``, ``dpre``: ``(batch, hidden)`` scratch;
-    ``dlogits_t``: ``(classes, batch)``; ``row_losses``: ``(batch,)``), each
-    with its own ``thread`` number, and meet at two barriers a step
-    (``_numba_sync``):
+    index those rows. The hidden units are cut into blocks, block ``k``
+    being units ``unit_bounds[k]:unit_bounds[k+1]`` (``u`` of them), and
+    ``W1`` comes in those blocks: ``W1_blocks[k, :, :u]`` is ``W1[:, units
+    of k]``, and ``W2T_blocks[k, :, :u]`` is ``W2.T``'s (kept in step with
+    ``W2``), each padded with zero columns to a common width.
 
-    1. The threads take the batch rows a few at a time (``take_ticket``) and
-       run forward and backward for them.
-    2. After the first barrier, thread ``t`` owns a slice of the hidden
-       units (their ``b1`` and ``W2`` rows) and a slice of the classes
-       (their ``b2`` and ``W2T`` rows); thread 0 also records the step's
-       loss. Then the threads take the feature chunks of ``cuts`` one at a
-       time and update those ``W1`` rows: each its own share of the chunks
-       first, then what is left of the others'. The second barrier closes
-       the step.
+    ``threads`` callers run this at once on the same arrays, each with its
+    own ``thread`` number. Scratch: ``hidden_blocks``, ``dpre_blocks``:
+    ``(blocks, batch, width)``; ``partial_logits``: ``(blocks, batch, >=
+    classes)``; ``dlogits``: ``(batch, >= classes)``; ``row_losses``:
+    ``(batch, any)``, column 0 used. A step has three phases, split by two
+    barriers (``_numba_sync``):
 
-    Taking work by tickets rather than fixed shares keeps both cores busy
-    when one runs slower (a VM's vCPUs often do). Which thread computes a
-    row or a chunk does not change its arithmetic: no two threads write the
-    same element, and every sum runs in an order that does not depend on the
-    split, so the result is bitwise the same for any number of threads.
+    1. Thread ``k`` (one per block; threads beyond the blocks wait)
+       computes, for every batch row, its block's hidden units
+       ``sigmoid(x @ W1 + b1)`` and their share of the logits, ``hidden @
+       W2`` over its units.
+    2. The threads take the batch rows a few at a time (``take_ticket``):
+       logits (``b2`` plus the blocks' shares, in block order), softmax
+       cross-entropy and ``dL/dlogits``.
+    3. Thread ``k`` backpropagates to its units and updates their ``b1``,
+       ``W2`` rows and its ``W1`` block. Each thread updates a slice of the
+       classes' ``b2``; thread 0 records the loss.
 
-    The ``W1`` update is applied per non-zero input (``W1[i] -=
-    lr*x[n,i]*dpre[n]``, in batch order) rather than through a dense
-    ``x.T @ dpre``: all-zero input columns get no update at all, exactly as
-    ``W1 -= lr * 0`` leaves them. (Regrouping the batch by feature, so that
-    each ``W1`` row is read and written once a step, measured slower: its
-    scattered stores cost more than the row traffic it saves.)
+    The cut by units is for the caches. Each ``W1`` block is read and
+    written by one thread only, so it stays in that core's cache, and its
+    rows are whole cache lines; between the threads pass only the logits'
+    shares and ``dL/dlogits``, a cache line per batch row each. (Cut by
+    batch rows and input features instead, as before, every ``W1`` row
+    moved between the cores twice a step: ~1.3x slower on the ``W1`` work
+    at 2 threads. Handing the hidden activations to the threads of phase 2
+    rather than the logits' shares cost about as much again.) The next
+    step's phase 1 needs nothing but the thread's own block, so a step
+    needs only the two barriers.
+
+    Which thread computes what does not change the arithmetic for a given
+    number of blocks: no two threads write the same element, and every sum
+    runs in a fixed order. The blocks do: the logits add up per block, a
+    reassociation, so results for different thread counts agree to
+    rounding, and bitwise for the same count. The ``W1`` update is applied
+    per non-zero input (``W1[i] -= lr*x[n,i]*dpre[n]``, in batch order)
+    rather than through a dense ``x.T @ dpre``: all-zero input columns get
+    no update at all, exactly as ``W1 -= lr * 0`` leaves them.
     """
     steps, batch_size = batch_indices.shape
-    hidden_size, classes = W2.shape
-    chunks = cuts.shape[1] - 1
+    classes = W2.shape[1]
+    blocks = unit_bounds.shape[0] - 1
     row_tickets = (batch_size + ROWS_PER_TICKET - 1) // ROWS_PER_TICKET
-    first_unit = hidden_size * thread // threads
-    last_unit = hidden_size * (thread + 1) // threads
     first_class = classes * thread // threads
     last_class = classes * (thread + 1) // threads
-    logit = np.empty(classes, W1.dtype)
+    owns_block = thread < blocks
+    block = min(thread, blocks - 1)
+    first_unit = unit_bounds[block]
+    units = unit_bounds[block + 1] - first_unit
+    own_W1 = W1_blocks[block]
+    own_W2T = W2T_blocks[block]
+    own_W2 = W2[first_unit : first_unit + units]
+    own_b1 = b1[first_unit : first_unit + units]
+    own_hidden = hidden_blocks[block]
+    own_dpre = dpre_blocks[block]
+    own_partials = partial_logits[block]
     exps = np.empty(classes)
-    # the step's small gradients (of gb1, only this thread's units are filled)
-    gb1 = np.empty(hidden_size, W1.dtype)
-    gW2T = np.empty((classes, hidden_size), W1.dtype)
-    gb2 = np.empty(classes, W1.dtype)
+    dlogits_t = np.empty((classes, batch_size), W1_blocks.dtype)
+    # the step's gradients of this thread's units and classes
+    gb1 = np.empty(units, W1_blocks.dtype)
+    gW2T = np.empty((classes, W1_blocks.shape[2]), W1_blocks.dtype)
+    gb2 = np.empty(classes, W1_blocks.dtype)
     inv_batch = 1.0 / batch_size
     generation = 0
     for step in range(steps):
+        if owns_block:
+            for b in range(batch_size):
+                n = batch_indices[step, b]
+                first, last = starts[n], starts[n + 1]
+                _hidden_pass(own_W1, own_b1, all_columns, all_values, first, last, own_hidden[b])
+                share = own_partials[b, :classes]
+                share[:] = 0
+                gather_rows(own_W2, share, None, own_hidden[b], 0, units)
+        if not barrier(sync, threads, generation):
+            return
+        generation += 1
         ticket = take_ticket(sync, ROW_TICKETS, threads)
         while ticket < row_tickets:
             for b in range(
                 ticket * ROWS_PER_TICKET, min(batch_size, (ticket + 1) * ROWS_PER_TICKET)
             ):
+                logit = dlogits[b, :classes]
+                logit[:] = b2
+                for k in range(blocks):
+                    for c in range(classes):
+                        logit[c] += partial_logits[k, b, c]
                 n = batch_indices[step, b]
-                row_losses[b] = _sample_pass(
-                    all_columns,
-                    all_values,
-                    starts[n],
-                    starts[n + 1],
-                    b,
-                    labels[n],
-                    W1,
-                    b1,
-                    W2,
-                    W2T,
-                    b2,
-                    hidden,
-                    dpre,
-                    dlogits_t,
-                    logit,
-                    exps,
-                    inv_batch,
-                )
+                row_losses[b, 0] = _softmax_backward(logit, labels[n], exps, inv_batch)
             ticket = take_ticket(sync, ROW_TICKETS, threads)
         if not barrier(sync, threads, generation):
             return
         generation += 1
         if thread == 0:
-            # every thread has taken its last row ticket; none takes another
-            # before the next step, after the second barrier
+            # every thread has taken its last row ticket of the step
             sync[ROW_TICKETS] = 0
-        _small_grads(hidden, dpre, dlogits_t, first_unit, last_unit, gb1, gW2T, gb2)
-        # W2 by rows (hidden units) and its copy W2T by rows (classes): the
-        # same update of the same values keeps them equal, and no cache line
-        # is written by two threads
-        for j in range(first_unit, last_unit):
-            b1[j] -= lr * gb1[j]
-            for c in range(classes):
-                W2[j, c] -= lr * gW2T[c, j]
-        for c in range(first_class, last_class):
-            b2[c] -= lr * gb2[c]
-            for j in range(hidden_size):
-                W2T[c, j] -= lr * gW2T[c, j]
-        if thread == 0:
             total = 0.0
             for b in range(batch_size):
-                total += row_losses[b]
+                total += row_losses[b, 0]
             losses[step] = total * inv_batch
-        # Each thread first takes its own chunks (the W1 rows it updated last
-        # step are still in its cache), then helps with the others' in turn.
-        for turn in range(threads):
-            owner = (thread + turn) % threads
-            first_chunk = chunks * owner // threads
-            last_chunk = chunks * (owner + 1) // threads
-            chunk = first_chunk + take_ticket(sync, thread_slot(owner), threads)
-            while chunk < last_chunk:
-                for b in range(batch_size):
-                    n = batch_indices[step, b]
-                    first, last = cuts[n, chunk], cuts[n, chunk + 1]
-                    scatter_rows(W1, dpre[b], all_columns, all_values, first, last, lr)
-                chunk = first_chunk + take_ticket(sync, thread_slot(owner), threads)
-        if not barrier(sync, threads, generation):
-            return
-        generation += 1
-        if thread == 0:
-            # likewise: no chunk ticket is taken again before the first
-            # barrier of the next step
-            for owner in range(threads):
-                sync[thread_slot(owner)] = 0
+        # each thread its own copy, in the layout dlogits.T @ hidden reads
+        for c in range(classes):
+            for b in range(batch_size):
+                dlogits_t[c, b] = dlogits[b, c]
+        _class_grads(dlogits_t, first_class, last_class, gb2)
+        for c in range(first_class, last_class):
+            b2[c] -= lr * gb2[c]
+        if owns_block:
+            for b in range(batch_size):
+                dlogit = dlogits[b, :classes]
+                _backward_to_hidden(own_W2T, dlogit, own_hidden[b], units, own_dpre[b])
+            _unit_grads(own_hidden, own_dpre, dlogits_t, gb1, gW2T)
+            for j in range(units):
+                own_b1[j] -= lr * gb1[j]
+                for c in range(classes):
+                    own_W2[j, c] -= lr * gW2T[c, j]
+                    own_W2T[c, j] -= lr * gW2T[c, j]
+            for b in range(batch_size):
+                n = batch_indices[step, b]
+                scatter_rows(
+                    own_W1, own_dpre[b], all_columns, all_values, starts[n], starts[n + 1], lr
+                )
 
 
 # ------------------------------------------------- numerical gradient (fast)

@@ -39,18 +39,11 @@ from numba.extending import intrinsic
 
 # Slots of the int64 ``sync`` array, each on its own cache line so that
 # spinning on one does not bounce the others: the barrier's counter, the
-# abort flag, and ticket counters that hand out work (``take_ticket``): one
-# shared, and one per thread from ``THREAD_TICKETS`` on (``thread_slot``).
+# abort flag, and the counter that hands out batch rows (``take_ticket``).
 COUNTER = 0
 ABORT = 8
 ROW_TICKETS = 16
-THREAD_TICKETS = 24
-SLOT_STRIDE = 8
-
-
-def sync_slots(threads: int) -> int:
-    """Length of the ``sync`` array for ``threads`` threads."""
-    return THREAD_TICKETS + SLOT_STRIDE * threads
+SYNC_SLOTS = 24
 
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
@@ -127,7 +120,7 @@ def take_ticket(sync, slot, threads):
     """The next number (0, 1, 2, ...) of the counter ``sync[slot]``, shared by ``threads``.
 
     >>> import numpy as np
-    >>> sync = np.zeros(sync_slots(1), np.int64)
+    >>> sync = np.zeros(SYNC_SLOTS, np.int64)
     >>> [take_ticket(sync, ROW_TICKETS, 1) for _ in range(3)]
     [0, 1, 2]
     """
@@ -137,9 +130,3 @@ def take_ticket(sync, slot, threads):
         sync[slot] = ticket + 1
         return ticket
     return _fetch_add(sync, slot, 1)
-
-
-@njit(cache=True, nogil=True)
-def thread_slot(thread):
-    """The slot of thread ``thread``'s own ticket counter."""
-    return THREAD_TICKETS + SLOT_STRIDE * thread

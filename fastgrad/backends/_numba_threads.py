@@ -16,7 +16,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from fastgrad.backends._numba_sync import ABORT, sync_slots
+from fastgrad.backends._numba_sync import ABORT, SYNC_SLOTS
 
 
 def usable_threads(requested: int) -> int:
@@ -40,7 +40,7 @@ def run_on_threads(kernel: Callable[..., Any], threads: int, *args: Any) -> None
         >>> calls
         [(0, 1)]
     """
-    sync = np.zeros(sync_slots(threads), np.int64)
+    sync = np.zeros(SYNC_SLOTS, np.int64)
     errors: list[BaseException] = []
 
     def work(thread: int) -> None:

@@ -10,7 +10,6 @@ any dtype other than float32/float64) runs the reference kernel via
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import threading
 import time
@@ -44,10 +43,8 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # Below this many rows per thread, a forward pass is not worth a thread start.
 _ROWS_PER_THREAD = 2048
 
-# Feature chunks of the W1 update per training thread: enough that a thread
-# on a slower core takes fewer of them, few enough that the per-chunk pass
-# over the batch rows stays cheap.
-CHUNKS_PER_THREAD = 4
+# The training kernel cuts W1 into blocks of whole cache lines per row.
+CACHE_LINE_BYTES = 64
 
 
 class _CompileClock(numba_event.Listener):
@@ -94,9 +91,7 @@ class SparseRows:
 
     Made by ``NumbaBackend.training_inputs``; ``two_layer_sgd_steps``
     accepts it wherever it accepts the dense ``X``. Row ``n`` of ``dense``
-    has its non-zeros at ``columns/values[starts[n]:starts[n + 1]]``;
-    ``column_counts[i]`` is how many rows have feature ``i`` non-zero (it
-    cuts the ``W1`` update into chunks for the threads, see ``feature_cuts``).
+    has its non-zeros at ``columns/values[starts[n]:starts[n + 1]]``.
 
     Example:
         >>> import numpy as np
@@ -110,16 +105,6 @@ class SparseRows:
     starts: np.ndarray
     columns: np.ndarray
     values: np.ndarray
-    column_counts: np.ndarray
-    _cuts: dict[int, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
-
-    def feature_cuts(self, chunks: int) -> np.ndarray:
-        """``_feature_cuts`` of these rows, computed once per chunk count."""
-        if chunks not in self._cuts:
-            self._cuts[chunks] = _feature_cuts(
-                self.starts, self.columns, self.column_counts, chunks
-            )
-        return self._cuts[chunks]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -363,9 +348,7 @@ class NumbaBackend(Backend):
         if not isinstance(X, np.ndarray) or X.ndim != 2 or X.dtype not in _FLOATS:
             return X
         dense = np.ascontiguousarray(X)
-        starts, columns, values = kernels.csr_rows(dense)
-        counts = kernels.column_counts(columns, dense.shape[1])
-        return SparseRows(dense, starts, columns, values, counts)
+        return SparseRows(dense, *kernels.csr_rows(dense))
 
     def two_layer_sgd_step(self, params: Params, X: Array, labels: Array, lr: float) -> Array:
         rows = np.arange(np.shape(X)[0], dtype=np.intp).reshape(1, -1)
@@ -402,13 +385,11 @@ class NumbaBackend(Backend):
         losses = np.empty(rows.shape[0], dtype=np.float64)
         if gradient == "backprop":
             if sparse is not None and sparse.values.dtype == W1.dtype:
-                listed = (sparse.starts, sparse.columns, sparse.values, sparse.feature_cuts)
+                listed = (sparse.starts, sparse.columns, sparse.values)
             else:
                 starts, columns, values, used, rows = kernels.drawn_rows_csr(x, rows)
                 targets = targets[used]
-                counts = kernels.column_counts(columns, x.shape[1])
-                cuts_of = functools.partial(_feature_cuts, starts, columns, counts)
-                listed = (starts, columns, values, cuts_of)
+                listed = (starts, columns, values)
             _sgd_backprop_threaded(*listed, targets, rows, (W1, b1, W2, b2), lr, losses)
         else:
             kernels.sgd_steps_numerical(
@@ -554,72 +535,103 @@ def _sgd_backprop_threaded(
     starts: np.ndarray,
     columns: np.ndarray,
     values: np.ndarray,
-    cuts_of: Callable[[int], np.ndarray],
     labels: np.ndarray,
     batch_indices: np.ndarray,
     params: tuple[np.ndarray, ...],
     lr: float,
     losses: np.ndarray,
+    threads: int | None = None,
 ) -> None:
-    """``kernels.sgd_worker`` on ``numba.get_num_threads()`` threads (at most one per batch row).
+    """``kernels.sgd_worker`` on ``threads`` threads, by default ``numba.get_num_threads()``.
 
-    ``cuts_of(chunks)`` gives the rows' ``_feature_cuts``. The ``W1``
-    update is cut into a few feature chunks per thread, of about as many
-    non-zeros each, that the threads take as they come free; the result
-    does not depend on the chunks or on the thread count.
+    ``W1`` is copied into the kernel's blocks by hidden units
+    (``_unit_blocks``) and back when the steps are done. Every row that one
+    thread writes and another reads fills whole cache lines (padded), so
+    that no line is written by two cores.
     """
     W1, b1, W2, b2 = params
     batch_size = batch_indices.shape[1]
     hidden_size, classes = W2.shape
-    threads = usable_threads(min(numba.get_num_threads(), batch_size))
+    if threads is None:
+        threads = usable_threads(min(numba.get_num_threads(), batch_size))
+    unit_bounds, width = _unit_blocks(hidden_size, threads, W1.dtype.itemsize)
+    blocks = unit_bounds.shape[0] - 1
+    W1_blocks = _aligned_zeros((blocks, W1.shape[0], width), W1.dtype)
+    W2T_blocks = _aligned_zeros((blocks, classes, width), W1.dtype)
+    units = [slice(unit_bounds[k], unit_bounds[k + 1]) for k in range(blocks)]
+    for k, block_units in enumerate(units):
+        W1_blocks[k, :, : block_units.stop - block_units.start] = W1[:, block_units]
+        W2T_blocks[k, :, : block_units.stop - block_units.start] = W2[block_units].T
     run_on_threads(
         kernels.sgd_worker,
         threads,
-        cuts_of(1 if threads == 1 else CHUNKS_PER_THREAD * threads),
+        unit_bounds,
         starts,
         columns,
         values,
         labels,
         batch_indices,
-        W1,
+        W1_blocks,
         b1,
         W2,
         b2,
         W1.dtype.type(lr),
         losses,
-        np.ascontiguousarray(W2.T),
-        np.empty((batch_size, hidden_size), W1.dtype),
-        np.empty((batch_size, hidden_size), W1.dtype),
-        np.empty((classes, batch_size), W1.dtype),
-        np.empty(batch_size),
+        W2T_blocks,
+        _aligned_zeros((blocks, batch_size, width), W1.dtype),
+        _aligned_zeros((blocks, batch_size, width), W1.dtype),
+        _aligned_zeros((blocks, batch_size, _whole_lines(classes, W1.dtype.itemsize)), W1.dtype),
+        _aligned_zeros((batch_size, _whole_lines(classes, W1.dtype.itemsize)), W1.dtype),
+        _aligned_zeros((batch_size, _whole_lines(1, 8)), np.dtype(np.float64)),
     )
+    for k, block_units in enumerate(units):
+        W1[:, block_units] = W1_blocks[k, :, : block_units.stop - block_units.start]
 
 
-def _feature_cuts(
-    starts: np.ndarray, columns: np.ndarray, column_counts: np.ndarray, chunks: int
-) -> np.ndarray:
-    """``kernels.row_cuts`` of the listed rows at ``chunks`` feature chunks of ~equal non-zeros.
+def _unit_blocks(hidden_size: int, threads: int, itemsize: int) -> tuple[np.ndarray, int]:
+    """How ``sgd_worker`` cuts the hidden units: ``(unit_bounds, width)``.
 
-    Example:
-        >>> starts, columns = np.array([0, 2, 3]), np.array([0, 3, 2], np.int32)
-        >>> _feature_cuts(starts, columns, np.array([1, 0, 1, 1]), 2).tolist()
-        [[0, 1, 2], [2, 3, 3]]
-    """
-    return kernels.row_cuts(starts, columns, _balanced_split(column_counts, chunks))
-
-
-def _balanced_split(counts: np.ndarray, parts: int) -> np.ndarray:
-    """``parts + 1`` bounds cutting ``range(len(counts))`` into slices of ~equal ``counts`` sum.
+    One block per thread, but no more blocks than the units fill cache
+    lines (a block narrower than a line would make its thread's pass over
+    the inputs cost as much as a wider one, for less work). ``width`` is the
+    widest block's units rounded up to whole cache lines, so that every row
+    of every block starts on a line of its own.
 
     Example:
-        >>> _balanced_split(np.array([5, 0, 1, 1, 3]), 2).tolist()
-        [0, 1, 5]
+        >>> bounds, width = _unit_blocks(50, 2, 4)
+        >>> bounds.tolist(), width
+        ([0, 25, 50], 32)
+        >>> _unit_blocks(50, 16, 8)[0].tolist()
+        [0, 7, 14, 21, 28, 35, 42, 50]
     """
-    prefix = np.concatenate(([0], np.cumsum(counts)))
-    targets = prefix[-1] * np.arange(parts + 1) / parts
-    bounds = np.searchsorted(prefix, targets).astype(np.int64)
-    bounds[0], bounds[-1] = 0, counts.shape[0]
-    return bounds
+    lanes = CACHE_LINE_BYTES // itemsize
+    blocks = max(1, min(threads, -(-hidden_size // lanes)))
+    unit_bounds = hidden_size * np.arange(blocks + 1, dtype=np.int64) // blocks
+    return unit_bounds, _whole_lines(int(np.diff(unit_bounds).max()), itemsize)
+
+
+def _whole_lines(count: int, itemsize: int) -> int:
+    """``count`` rounded up to the elements of whole cache lines.
+
+    Example:
+        >>> _whole_lines(10, 4), _whole_lines(50, 8)
+        (16, 56)
+    """
+    lanes = CACHE_LINE_BYTES // itemsize
+    return -(-count // lanes) * lanes
+
+
+def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``np.zeros(shape, dtype)`` whose data starts on a cache line.
+
+    Example:
+        >>> _aligned_zeros((3, 5), np.dtype(np.float32)).ctypes.data % CACHE_LINE_BYTES
+        0
+    """
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(size + CACHE_LINE_BYTES, np.uint8)
+    offset = -raw.ctypes.data % CACHE_LINE_BYTES
+    return raw[offset : offset + size].view(dtype).reshape(shape)
 
 
 def _chunks() -> int:
