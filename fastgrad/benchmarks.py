@@ -105,6 +105,10 @@ class BenchConfig:
     # (a warm-up of the book's 10,000 iterations would cost 12 s for nothing).
     warm_up_everything: bool = True
     threads: int | None = None
+    # A pause before each timed call of an interleaved group: OpenBLAS's
+    # worker threads spin for ~0.1 s after their last call, and on 2 cores
+    # the next implementation in the round ran ~0.1 s slower for it.
+    settle_s: float = 0.2
     peers: bool = False
     out: Path = Path("fastgrad-bench")
     data: Path | None = None
@@ -117,7 +121,8 @@ class BenchConfig:
         """``quick`` (under a minute on 2 cores), ``default``, or ``full`` (the issues' sizes)."""
         presets: dict[str, dict[str, Any]] = {
             "quick": {"iterations": 100, "rounds": 3, "budget_s": 1.0, "naive_samples": 100,
-                      "scaling_naive_samples": 10, "warm_up_everything": False},
+                      "scaling_naive_samples": 10, "warm_up_everything": False,
+                      "settle_s": 0.05},
             "default": {},
             "full": {"iterations": 10_000, "rounds": 3, "budget_s": 120.0, "naive_samples": 4000,
                      "scaling_naive_samples": 400, "warm_up_everything": False},
@@ -278,6 +283,7 @@ def measure_group(
     budget_s: float = math.inf,
     warmups: Sequence[bool] | None = None,
     on_start: Callable[[Case], None] | None = None,
+    settle_s: float = 0.0,
 ) -> list[Measurement]:
     """Time ``case.run`` of each case: one untimed warm-up call, then up to ``rounds`` timed calls.
 
@@ -291,6 +297,10 @@ def measure_group(
     clock stops after the work is done. The warm-up value and the last timed
     value are both checked. ``warmups[i] = False`` makes case i's first call
     its first timed round (code with nothing to compile, when time is short).
+    ``settle_s`` seconds of sleep precede every call of a group of several
+    cases, so that one implementation's idle worker threads (which spin a
+    while after their work, competing for the cores) are not timed as part
+    of the next one's run.
     """
     warmups = [True] * len(cases) if warmups is None else list(warmups)
     times: list[list[float]] = [[] for _ in cases]
@@ -301,6 +311,8 @@ def measure_group(
 
     def timed(index: int) -> float:
         case = cases[index]
+        if settle_s > 0 and len(cases) > 1:
+            time.sleep(settle_s)
         state = case.setup()
         start = time.perf_counter()
         last[index] = case.run(state)
@@ -539,6 +551,7 @@ def _run_plan(
         measured = measure_group(
             cases, config.rounds, config.budget_s, warmups,
             on_start=lambda case: progress.start(case.label),
+            settle_s=config.settle_s,
         )
         for case, measurement in zip(cases, measured, strict=True):
             if measurement.error:
@@ -777,6 +790,11 @@ def format_report(report: Report) -> str:
             )
         )
     lines.append(f"data: {report.dataset}")
+    if report.config.settle_s > 0:
+        lines.append(
+            f"a {report.config.settle_s:g} s pause precedes each timed call, so that the "
+            "previous implementation's idle BLAS/OpenMP threads have stopped spinning"
+        )
     for name, reason in report.skipped.items():
         lines.append(f"skipped {name}: {reason}")
     if report.compile_seconds:

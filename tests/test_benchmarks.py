@@ -136,6 +136,27 @@ def test_measure_group_interleaves_rounds() -> None:
     assert [len(m.times) for m in measured] == [2, 2]
 
 
+def test_measure_group_pauses_before_each_call_of_a_group_only(monkeypatch) -> None:
+    # the pause lets the previous case's idle BLAS threads stop spinning;
+    # a lone case has no previous case, so it runs without one
+    events: list[str] = []
+    monkeypatch.setattr(benchmarks.time, "sleep", lambda seconds: events.append(f"sleep {seconds}"))
+
+    def make(name: str) -> Case:
+        def run(_: None) -> str:
+            events.append(name)
+            return name
+
+        return Case("train", name, "backprop", "float64", 50, 100, lambda: None, run,
+                    lambda value: None)
+
+    benchmarks.measure_group([make("a"), make("b")], rounds=1, settle_s=0.2)
+    assert events == ["sleep 0.2", "a", "sleep 0.2", "b"] * 2
+    events.clear()
+    benchmarks.measure_group([make("c")], rounds=1, settle_s=0.2)
+    assert events == ["c", "c"]
+
+
 # --------------------------------------------------------------------- ratio math
 def test_ratios_are_taken_within_one_workload_size_and_dtype() -> None:
     rows = [
