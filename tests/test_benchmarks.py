@@ -7,6 +7,7 @@ finishes in a few seconds.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import importlib.util
 import io
@@ -120,17 +121,20 @@ def test_measure_reports_a_failed_check_on_the_timed_value(fake_clock: list[floa
     assert measured.error is not None and "value 3 is wrong" in measured.error
 
 
+def logging_case(name: str, log: list[str]) -> Case:
+    """A case whose every run appends its ``name`` to ``log``."""
+
+    def run(_: None) -> str:
+        log.append(name)
+        return name
+
+    return Case("train", name, "backprop", "float64", 50, 100, lambda: None, run,
+                lambda value: None)
+
+
 def test_measure_group_interleaves_rounds() -> None:
     order: list[str] = []
-
-    def make(name: str) -> Case:
-        def run(_: None) -> str:
-            order.append(name)
-            return name
-
-        return Case("train", name, "backprop", "float64", 50, 100, lambda: None, run,
-                    lambda value: None)
-
+    make = functools.partial(logging_case, log=order)
     measured = benchmarks.measure_group([make("a"), make("b")], rounds=2)
     assert order == ["a", "b", "a", "b", "a", "b"]  # warm-ups, then round 1, then round 2
     assert [len(m.times) for m in measured] == [2, 2]
@@ -141,15 +145,7 @@ def test_measure_group_pauses_before_each_call_of_a_group_only(monkeypatch) -> N
     # a lone case has no previous case, so it runs without one
     events: list[str] = []
     monkeypatch.setattr(benchmarks.time, "sleep", lambda seconds: events.append(f"sleep {seconds}"))
-
-    def make(name: str) -> Case:
-        def run(_: None) -> str:
-            events.append(name)
-            return name
-
-        return Case("train", name, "backprop", "float64", 50, 100, lambda: None, run,
-                    lambda value: None)
-
+    make = functools.partial(logging_case, log=events)
     benchmarks.measure_group([make("a"), make("b")], rounds=1, settle_s=0.2)
     assert events == ["sleep 0.2", "a", "sleep 0.2", "b"] * 2
     events.clear()
