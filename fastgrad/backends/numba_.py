@@ -558,10 +558,11 @@ def _sgd_backprop_threaded(
     blocks = unit_bounds.shape[0] - 1
     W1_blocks = _aligned_zeros((blocks, W1.shape[0], width), W1.dtype)
     W2T_blocks = _aligned_zeros((blocks, classes, width), W1.dtype)
-    units = [slice(unit_bounds[k], unit_bounds[k + 1]) for k in range(blocks)]
-    for k, block_units in enumerate(units):
-        W1_blocks[k, :, : block_units.stop - block_units.start] = W1[:, block_units]
-        W2T_blocks[k, :, : block_units.stop - block_units.start] = W2[block_units].T
+    spans = list(itertools.pairwise(unit_bounds.tolist()))
+    for k, (first, last) in enumerate(spans):
+        W1_blocks[k, :, : last - first] = W1[:, first:last]
+        W2T_blocks[k, :, : last - first] = W2[first:last].T
+    logit_width = _whole_lines(classes, W1.dtype.itemsize)
     run_on_threads(
         kernels.sgd_worker,
         threads,
@@ -580,12 +581,12 @@ def _sgd_backprop_threaded(
         W2T_blocks,
         _aligned_zeros((blocks, batch_size, width), W1.dtype),
         _aligned_zeros((blocks, batch_size, width), W1.dtype),
-        _aligned_zeros((blocks, batch_size, _whole_lines(classes, W1.dtype.itemsize)), W1.dtype),
-        _aligned_zeros((batch_size, _whole_lines(classes, W1.dtype.itemsize)), W1.dtype),
+        _aligned_zeros((blocks, batch_size, logit_width), W1.dtype),
+        _aligned_zeros((batch_size, logit_width), W1.dtype),
         _aligned_zeros((batch_size, _whole_lines(1, 8)), np.dtype(np.float64)),
     )
-    for k, block_units in enumerate(units):
-        W1[:, block_units] = W1_blocks[k, :, : block_units.stop - block_units.start]
+    for k, (first, last) in enumerate(spans):
+        W1[:, first:last] = W1_blocks[k, :, : last - first]
 
 
 def _unit_blocks(hidden_size: int, threads: int, itemsize: int) -> tuple[np.ndarray, int]:
