@@ -276,6 +276,19 @@ def _backward_to_hidden(W2T, dlogit, hidden_row, units, back):
 
 
 @_serial
+def _copy_into(out, values):
+    """``out[:len(values)] = values`` for 1-d arrays, element by element.
+
+    Numba's own slice assignment from an array checks the shapes and, for
+    its error message, compiles integer-to-string and string concatenation:
+    2.5 s of a training run's cold compile (of ~13 s), paid by the first
+    kernel that uses it.
+    """
+    for j in range(values.shape[0]):
+        out[j] = values[j]
+
+
+@_serial
 def _hidden_pass(W1, b1, cols, vals, first, last, row):
     """``row[:len(b1)] = sigmoid(b1 + x @ W1)`` for the input listed as ``cols/vals[first:last]``.
 
@@ -283,7 +296,7 @@ def _hidden_pass(W1, b1, cols, vals, first, last, row):
     get ``x @ W1`` of the padding columns, without the sigmoid.
     """
     units = b1.shape[0]
-    row[:units] = b1
+    _copy_into(row, b1)
     row[units:] = 0
     # x @ W1 over the listed non-zeros, four inputs per pass (a reassociation)
     gather_rows(W1, row, cols, vals, first, last)
@@ -351,7 +364,9 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
     dlogits_t = np.ascontiguousarray(dlogits.T)
     _unit_grads(hidden, dpre, dlogits_t, gb1, gW2T)
     _class_grads(dlogits_t, 0, classes, gb2)
-    gW2[:] = gW2T.T
+    for j in range(hidden_size):
+        for c in range(classes):
+            gW2[j, c] = gW2T[c, j]
     gW1[:] = 0
     for b in range(batch_size):
         # gW1[i] += v * dpre[b], exactly: W - (-1 * v) * d rounds as W + v * d
@@ -536,7 +551,7 @@ def sgd_worker(
                 ticket * ROWS_PER_TICKET, min(batch_size, (ticket + 1) * ROWS_PER_TICKET)
             ):
                 logit = dlogits[b, :classes]
-                logit[:] = b2
+                _copy_into(logit, b2)
                 for k in range(blocks):
                     for c in range(classes):
                         logit[c] += partial_logits[k, b, c]
