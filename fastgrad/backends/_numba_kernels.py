@@ -364,6 +364,7 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
     dlogits_t = np.ascontiguousarray(dlogits.T)
     _unit_grads(hidden, dpre, dlogits_t, gb1, gW2T)
     _class_grads(dlogits_t, 0, classes, gb2)
+    # gW2 = gW2T.T element by element, for the reason of _copy_into
     for j in range(hidden_size):
         for c in range(classes):
             gW2[j, c] = gW2T[c, j]
