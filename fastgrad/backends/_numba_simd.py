@@ -20,8 +20,8 @@ the whole run over the non-zeros; the block widths are compile-time
 constants, so there is no remainder loop and no alias check. LLVM splits a
 vector wider than the machine's registers into several. The remainder under
 16 is one masked block in ``gather_rows`` (a row of 10 logits in one pass)
-and goes column by column in ``scatter_rows``, where it only ever meets the
-last 2 columns of a float64 row of 50.
+and goes column by column in ``scatter_rows`` (one kernel fewer to compile),
+which the training loop avoids by padding its rows to multiples of 16.
 
 Arithmetic order is the same as the plain loops they replace, so results
 are bitwise those of:
