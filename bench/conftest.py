@@ -8,7 +8,7 @@ workload once and checks the value, a smoke test; ``nox -s bench`` (or
 ``pytest bench --benchmark-enable``) times it for real.
 
 Options: ``--bench-steps N`` sets the training iterations of the chapter-run
-benchmark (default 20), ``--bench-full`` runs the chapter's 10,000.
+and deep-run benchmarks (default 20), ``--bench-full`` runs the chapter's 10,000.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ CHAPTER_STEPS = 10_000
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fastgrad bench")
     group.addoption("--bench-steps", type=int, default=20,
-                    help="training iterations of the train-step group's chapter run")
+                    help="training iterations of the chapter run and the deep run")
     group.addoption("--bench-full", action="store_true",
                     help="run the chapter's 10,000 training iterations")
 
@@ -104,6 +104,8 @@ def run_case(benchmark: Any, case: Case, rounds: int = 5) -> Any:
         "method": case.method,
         "dtype": case.dtype,
         "hidden_size": case.hidden_size,
+        "layer_sizes": list(case.net.layer_sizes),
+        "activation": case.net.activation,
         "num_params": case.num_params,
         "iterations": case.iterations,
         "scale_to_full": case.scale,

@@ -1,8 +1,9 @@
-"""PyTorch (eager, CPU and CUDA) and JAX versions of the chapter's loop and gradient.
+"""PyTorch (eager, CPU and CUDA) and JAX versions of the training loops and gradients.
 
-Same network, initial weights, mini-batches and exact cross-entropy as the
-fastgrad workloads; PyTorch runs autograd plus a manual SGD update per step,
-JAX a jitted step from a Python loop. Neither package is a dependency of
+Same network (the chapter's, or a deeper MultiLayerNet), initial weights,
+mini-batches and exact cross-entropy as the fastgrad workloads; PyTorch runs
+autograd plus a manual SGD update per step, JAX one jitted ``lax.scan`` over
+all steps. Neither package is a dependency of
 fastgrad: a peer that is not installed (or has no CUDA device) is skipped
 with the reason :func:`peer_unavailable_reason` gives. The builders live in
 :mod:`fastgrad._bench_workloads` so that ``fastgrad bench --peers`` times the

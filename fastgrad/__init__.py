@@ -21,7 +21,12 @@ from fastgrad.backends import (
     use_backend,
 )
 from fastgrad.data import load_mnist
-from fastgrad.errors import BackendUnavailableError, PrecisionWarning, SlowPathWarning
+from fastgrad.errors import (
+    BackendUnavailableError,
+    GradientCheckError,
+    PrecisionWarning,
+    SlowPathWarning,
+)
 from fastgrad.functions import (
     cross_entropy_error,
     identity,
@@ -32,9 +37,9 @@ from fastgrad.functions import (
     softmax,
     softmax_cross_entropy,
 )
-from fastgrad.gradcheck import GradientCheckReport, gradient_check
+from fastgrad.gradcheck import GradientCheckReport, check_gradients, gradient_check
 from fastgrad.gradient import gradient_descent, numerical_diff, numerical_gradient, tangent_line
-from fastgrad.models import SimpleNet, TwoLayerNet
+from fastgrad.models import MultiLayerNet, SimpleNet, TwoLayerNet
 
 # `train` itself stays in fastgrad.train: a function of the same name here would
 # shadow that module (`import fastgrad.train as m` would return the function).
@@ -45,7 +50,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BackendUnavailableError",
+    "GradientCheckError",
     "GradientCheckReport",
+    "MultiLayerNet",
     "PrecisionWarning",
     "SimpleNet",
     "SlowPathWarning",
@@ -53,6 +60,7 @@ __all__ = [
     "TwoLayerNet",
     "__version__",
     "available_backends",
+    "check_gradients",
     "cross_entropy_error",
     "get_backend",
     "gradient_check",

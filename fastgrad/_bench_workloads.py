@@ -7,40 +7,52 @@ raises :class:`AssertionError` when that value is wrong. Building a case does
 all data movement up front, so a round times only the work itself.
 
 Implementations are the fastgrad backends (``numpy``, ``numba``, ``cupy``),
-the book's own code (``book``, see :mod:`fastgrad._book_reference`) and the
-peers (``torch-cpu``, ``torch-cuda``, ``jax``), which are imported only when
-asked for and are never dependencies of fastgrad.
+driven through the model API (``MultiLayerNet``/``TwoLayerNet``:
+``sgd_steps``, ``prepared_gradient``, ``numerical_gradient_float64``,
+``prepared_loss``), the book's own code (``book``, see
+:mod:`fastgrad._book_reference`: chapter 4's TwoLayerNet for the chapter's
+net, chapter 6's MultiLayerNet for the others), and the peers (``torch-cpu``,
+``torch-cuda``, ``jax``), which are imported only when asked for and are
+never dependencies of fastgrad. Parameter names come from the models; this
+module never spells one.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fastgrad._book_reference import BookTwoLayerNet, book_train
+from fastgrad._book_reference import BookMultiLayerNet, BookTwoLayerNet, book_train
 from fastgrad._book_reference import numerical_gradient as book_numerical_gradient
 from fastgrad.backends import Backend, get_backend
-from fastgrad.backends._base import PARAM_NAMES, Params
 from fastgrad.data import load_mnist, read_idx
+from fastgrad.models import MultiLayerNet, TwoLayerNet
 
 __all__ = [
     "BOOK",
+    "CHAPTER_NET",
+    "DEEP_GRADIENT_NET",
+    "DEEP_TRAIN_NET",
     "INPUT_SIZE",
     "OUTPUT_SIZE",
     "PEERS",
     "Case",
     "Dataset",
+    "HostParams",
+    "NetSpec",
     "WorkloadFactory",
     "embedded_mnist",
     "find_mnist",
-    "num_params",
+    "net_label",
     "peer_unavailable_reason",
     "read_mnist",
+    "scaling_net",
     "synthetic_mnist",
 ]
 
@@ -53,24 +65,155 @@ BOOK = "book"
 PEERS = ("torch-cpu", "torch-cuda", "jax")
 
 # Tolerances of the checks, float64 throughout. The exact-loss numerical
-# gradient agrees with backprop to ~1e-10 (PERF-NOTES); 1e-7 leaves room for
-# the largest nets without letting a wrong kernel through (gradient entries
-# are ~1e-3). The book's loss carries a +1e-7 inside its log that its
-# backprop ignores, which moves its numerical gradient by up to ~1e-7.
+# gradient of a smooth net agrees with backprop to ~1e-10 (PERF-NOTES); 1e-7
+# leaves room for the largest nets without letting a wrong kernel through
+# (gradient entries are ~1e-3). The book's loss carries a +1e-7 inside its
+# log that its backprop ignores, which moves its numerical gradient by up to
+# ~1e-7. A ReLU net's central differences are not its backprop gradient
+# where a step of h moves a unit across zero (differences of ~1e-4 in a few
+# hundred entries of 784-100-100-10), so its numerical gradients are checked
+# against each other: the fast kernels and the naive loop compute the same
+# differences and agree to ~5e-12.
 EXACT_GRADIENT_ATOL = 1e-7
 BOOK_NUMERICAL_ATOL = 1e-6
+NUMERICAL_AGREEMENT_ATOL = 1e-9
 BACKPROP_ATOL = {"float64": 1e-9, "float32": 1e-4}
-
-
-def num_params(hidden_size: int) -> int:
-    """Parameters of TwoLayerNet(784, hidden_size, 10): 39,760 at hidden 50."""
-    return INPUT_SIZE * hidden_size + hidden_size + hidden_size * OUTPUT_SIZE + OUTPUT_SIZE
 
 
 def require(condition: bool, message: str) -> None:
     """``assert`` that survives ``python -O``: benchmark checks must always run."""
     if not condition:
         raise AssertionError(message)
+
+
+# ------------------------------------------------------------------------ networks
+@dataclass(frozen=True)
+class NetSpec:
+    """A benchmarked network: ``MultiLayerNet(784, hidden, 10, activation, weight_init)``.
+
+    One sigmoid hidden layer with a numeric init is the chapter's
+    :class:`~fastgrad.TwoLayerNet` (and the book's chapter-4 code); anything
+    else is a :class:`~fastgrad.MultiLayerNet` (and the book's chapter 6).
+    """
+
+    hidden: tuple[int, ...]
+    activation: str = "sigmoid"
+    weight_init: float | str = 0.01
+
+    @classmethod
+    def chapter(cls, hidden_size: int = 50) -> NetSpec:
+        """The chapter's TwoLayerNet(784, hidden_size, 10), std 0.01."""
+        return cls((hidden_size,))
+
+    @property
+    def layer_sizes(self) -> tuple[int, ...]:
+        return (INPUT_SIZE, *self.hidden, OUTPUT_SIZE)
+
+    @property
+    def num_params(self) -> int:
+        """39,760 for the chapter's 784-50-10."""
+        return sum(fan_in * fan_out + fan_out for fan_in, fan_out in self._layers())
+
+    @property
+    def hidden_layers(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def two_layer(self) -> bool:
+        """True for the chapter's TwoLayerNet family."""
+        return (
+            len(self.hidden) == 1
+            and self.activation == "sigmoid"
+            and not isinstance(self.weight_init, str)
+        )
+
+    @property
+    def smooth(self) -> bool:
+        """Whether central differences match backprop to ~1e-10 (no ReLU kinks)."""
+        return self.activation != "relu"
+
+    def _layers(self) -> list[tuple[int, int]]:
+        return list(itertools.pairwise(self.layer_sizes))
+
+    def build(self, backend: Any, dtype: Any, seed: int) -> MultiLayerNet:
+        """The fastgrad model; the same seed gives the same weights on every backend."""
+        if self.two_layer:
+            return TwoLayerNet(
+                INPUT_SIZE, self.hidden[0], OUTPUT_SIZE, float(self.weight_init),
+                dtype=dtype, seed=seed, backend=backend,
+            )
+        return MultiLayerNet(
+            INPUT_SIZE, list(self.hidden), OUTPUT_SIZE, self.activation, self.weight_init,
+            dtype=dtype, seed=seed, backend=backend,
+        )
+
+    def book_net(self, params: HostParams) -> BookTwoLayerNet | BookMultiLayerNet:
+        """The book's network holding copies of ``params``."""
+        dtype = params.arrays[0].dtype
+        book: BookTwoLayerNet | BookMultiLayerNet
+        if self.two_layer:
+            book = BookTwoLayerNet(INPUT_SIZE, self.hidden[0], OUTPUT_SIZE, dtype=dtype)
+        else:
+            book = BookMultiLayerNet(
+                INPUT_SIZE, list(self.hidden), OUTPUT_SIZE, self.activation, dtype=dtype
+            )
+        # In place: chapter 6's layers hold the arrays of params.
+        for name, value in params.items():
+            book.params[name][...] = value
+        return book
+
+
+CHAPTER_NET = NetSpec.chapter(50)
+"""Workloads A and B: the chapter's TwoLayerNet(784, 50, 10)."""
+DEEP_TRAIN_NET = NetSpec((100, 100, 100), "relu", "relu")
+"""Workload C: MultiLayerNet(784, [100, 100, 100], 10, "relu"), He init."""
+DEEP_GRADIENT_NET = NetSpec((100, 100), "relu", "relu")
+"""The deep numerical gradient: MultiLayerNet(784, [100, 100], 10, "relu"), He init."""
+
+
+def scaling_net(width: int, hidden_layers: int) -> NetSpec:
+    """The scaling curve's net: the chapter's at one hidden layer, else ReLU layers (He init)."""
+    if hidden_layers == 1:
+        return NetSpec.chapter(width)
+    return NetSpec((width,) * hidden_layers, "relu", "relu")
+
+
+def net_label(workload: str, hidden: Sequence[int], activation: str) -> str:
+    """`` h=5`` or `` h=100,100 relu``; nothing for the chapter's net outside the scaling curve."""
+    if workload != "scaling" and list(hidden) == [50] and activation == "sigmoid":
+        return ""
+    widths = ",".join(str(width) for width in hidden)
+    if len(hidden) == 1 and activation == "sigmoid":
+        return f" h={widths}"
+    return f" h={widths} {activation}"
+
+
+@dataclass(frozen=True)
+class HostParams:
+    """A model's parameters as host arrays: its names, in ``Network.arrays`` order."""
+
+    names: tuple[str, ...]
+    arrays: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, model: MultiLayerNet) -> HostParams:
+        network = model.network()
+        # network().arrays are the model's own arrays in the documented order
+        # W1, b1, ..., WL, bL (the peers read that tuple as (W, b) pairs); the
+        # names are the model's, in the same order.
+        require(
+            all(a is b for a, b in zip(model.params.values(), network.arrays, strict=True)),
+            "params and network().arrays are not in the same order",
+        )
+        arrays = tuple(model.backend.to_numpy(array).copy() for array in network.arrays)
+        return cls(tuple(model.params), arrays)
+
+    def items(self) -> Iterable[tuple[str, np.ndarray]]:
+        return zip(self.names, self.arrays, strict=True)
+
+    def named(self, values: Sequence[Any]) -> dict[str, Any]:
+        """``values`` (one per parameter, in order) keyed by the parameters' names."""
+        return dict(zip(self.names, values, strict=True))
 
 
 # --------------------------------------------------------------------------- data
@@ -145,11 +288,11 @@ def find_mnist(start: str | Path) -> Path | None:
 class Case:
     """One timed workload on one implementation (see the module docstring)."""
 
-    workload: str  # "train", "gradient", "scaling", "loss"
+    workload: str  # "train", "train-deep", "train-step", "gradient", "gradient-deep", "scaling"
     implementation: str  # a backend name, "book", or a peer
     method: str  # "backprop", "fast", "naive", "forward"
     dtype: str
-    hidden_size: int
+    net: NetSpec
     batch_size: int
     setup: Callable[[], Any]
     run: Callable[[Any], Any]
@@ -163,11 +306,16 @@ class Case:
 
     @property
     def num_params(self) -> int:
-        return num_params(self.hidden_size)
+        return self.net.num_params
+
+    @property
+    def hidden_size(self) -> int:
+        """The first hidden layer's width."""
+        return self.net.hidden[0] if self.net.hidden else 0
 
     @property
     def label(self) -> str:
-        size = "" if self.hidden_size == 50 else f" h={self.hidden_size}"
+        size = net_label(self.workload, self.net.hidden, self.net.activation)
         return f"{self.workload}{size} {self.implementation} {self.method} {self.dtype}"
 
 
@@ -175,9 +323,9 @@ def _stride_for(total: int, samples: int) -> int:
     return max(1, total // max(1, samples))
 
 
-def _sampled_views(params: Params, stride: int) -> dict[str, Any]:
+def _sampled_views(params: dict[str, Any], stride: int) -> dict[str, Any]:
     """Every ``stride``-th element of each parameter, as writable views into it."""
-    return {name: params[name].reshape(-1)[::stride] for name in PARAM_NAMES}
+    return {name: array.reshape(-1)[::stride] for name, array in params.items()}
 
 
 class WorkloadFactory:
@@ -186,7 +334,7 @@ class WorkloadFactory:
     Parameters
     ----------
     dataset
-        Training rows for the training run; the first ``batch_size`` rows are
+        Training rows for the training runs; the first ``batch_size`` rows are
         the batch of the gradient workloads.
     seed
         Seeds the initial weights (the same on every implementation) and the
@@ -198,7 +346,9 @@ class WorkloadFactory:
         self.seed = seed
         self.batch_size = batch_size
         self._inputs: dict[str, np.ndarray] = {}
-        self._reference: dict[int, tuple[Params, np.ndarray, np.ndarray]] = {}
+        self._initial: dict[tuple[NetSpec, str], HostParams] = {}
+        self._backprop: dict[NetSpec, dict[str, np.ndarray]] = {}
+        self._numerical: dict[NetSpec, dict[str, np.ndarray]] = {}
 
     # -- shared pieces
     def inputs(self, dtype: str) -> np.ndarray:
@@ -206,16 +356,12 @@ class WorkloadFactory:
             self._inputs[dtype] = self.dataset.inputs(np.dtype(dtype))
         return self._inputs[dtype]
 
-    def initial_params(self, hidden_size: int, dtype: str = "float64") -> dict[str, np.ndarray]:
-        """The seeded initial weights as host arrays (std 0.01, zero biases)."""
-        rng = np.random.default_rng(self.seed)
-        init = {
-            "W1": 0.01 * rng.standard_normal((INPUT_SIZE, hidden_size)),
-            "b1": np.zeros(hidden_size),
-            "W2": 0.01 * rng.standard_normal((hidden_size, OUTPUT_SIZE)),
-            "b2": np.zeros(OUTPUT_SIZE),
-        }
-        return {name: value.astype(dtype) for name, value in init.items()}
+    def initial_params(self, net: NetSpec, dtype: str = "float64") -> HostParams:
+        """The seeded initial parameters of ``net`` (the model's own draws) on the host."""
+        key = (net, dtype)
+        if key not in self._initial:
+            self._initial[key] = HostParams.of(net.build("numpy", dtype, self.seed))
+        return self._initial[key]
 
     def batch_schedule(self, steps: int) -> np.ndarray:
         """``(steps, batch_size)`` row indices drawn with replacement, like the book's."""
@@ -226,221 +372,250 @@ class WorkloadFactory:
         """The gradient workloads' batch: the first ``batch_size`` rows, float64."""
         return self.inputs("float64")[: self.batch_size], self.dataset.labels[: self.batch_size]
 
-    def reference_gradient(self, hidden_size: int) -> tuple[Params, np.ndarray, np.ndarray]:
-        """Backprop on the NumPy backend: what every gradient case is checked against."""
-        if hidden_size not in self._reference:
-            numpy_backend = get_backend("numpy")
-            X, labels = self.gradient_batch()
-            params = self.initial_params(hidden_size)
-            grads = numpy_backend.two_layer_gradient(params, X, labels)[1]
-            self._reference[hidden_size] = (grads, X, labels)
-        return self._reference[hidden_size]
+    def _reference_model(self, net: NetSpec) -> tuple[MultiLayerNet, Any, Any]:
+        model = net.build("numpy", "float64", self.seed)
+        X, labels = model.prepare(*self.gradient_batch())
+        return model, X, labels
+
+    def reference_gradient(self, net: NetSpec) -> dict[str, np.ndarray]:
+        """Backprop on the NumPy backend: what backprop cases are checked against."""
+        if net not in self._backprop:
+            model, X, labels = self._reference_model(net)
+            self._backprop[net] = model.prepared_gradient(X, labels)[1]
+        return self._backprop[net]
+
+    def reference_numerical(self, net: NetSpec) -> dict[str, np.ndarray]:
+        """The NumPy backend's fast numerical gradient: what a ReLU net's are checked against."""
+        if net not in self._numerical:
+            model, X, labels = self._reference_model(net)
+            self._numerical[net] = model.numerical_gradient_float64(X, labels, "fast", H)
+        return self._numerical[net]
 
     # -- checks
     @staticmethod
-    def check_losses(losses: Any, steps: int) -> None:
+    def check_losses(losses: Any, steps: int, ceiling: float = 3.0) -> None:
         values = np.asarray(losses, dtype=np.float64).reshape(-1)
         require(values.shape == (steps,), f"expected {steps} losses, got {values.shape}")
         require(bool(np.isfinite(values).all()), "a training loss is not finite")
-        # Cross-entropy over 10 classes starts at ln 10 = 2.303 and must not blow up.
-        require(float(values.max()) < 3.0, f"training diverged: max loss {values.max():.3f}")
+        # Cross-entropy over 10 classes starts near ln 10 = 2.303 and must not blow up.
+        require(
+            float(values.max()) < ceiling, f"training diverged: max loss {values.max():.3f}"
+        )
         if steps >= 100:
             quarter = steps // 4
             first, last = values[:quarter].mean(), values[-quarter:].mean()
             require(last < first, f"loss did not fall: {first:.4f} -> {last:.4f}")
 
     def _gradient_check(
-        self, hidden_size: int, to_host: Callable[[Any], np.ndarray], atol: float, stride: int = 1
+        self,
+        reference: dict[str, np.ndarray],
+        to_host: Callable[[Any], np.ndarray],
+        atol: float,
+        stride: int = 1,
+        against: str = "backprop",
     ) -> Callable[[Any], None]:
-        reference = self.reference_gradient(hidden_size)[0]
-
         def check(grads: Any) -> None:
-            for name in PARAM_NAMES:
-                expected = reference[name].reshape(-1)[::stride]
+            for name, value in reference.items():
+                expected = value.reshape(-1)[::stride]
                 got = to_host(grads[name]).reshape(-1).astype(np.float64)
                 require(got.shape == expected.shape, f"{name}: shape {got.shape}")
                 error = float(np.max(np.abs(got - expected)))
-                require(error <= atol, f"{name}: max abs difference {error:.2e} > {atol:.0e}")
+                require(
+                    error <= atol,
+                    f"{name}: max abs difference {error:.2e} from {against} > {atol:.0e}",
+                )
 
         return check
 
-    # -- the chapter's training run
+    def _numerical_check(
+        self, net: NetSpec, to_host: Callable[[Any], np.ndarray], stride: int = 1,
+        book: bool = False,
+    ) -> Callable[[Any], None]:
+        """A numerical gradient's check: against backprop for smooth nets, else the NumPy kernel.
+
+        The book's ``+1e-7`` guard moves its differences by up to ~1e-7.
+        """
+        if net.smooth:
+            atol = BOOK_NUMERICAL_ATOL if book else EXACT_GRADIENT_ATOL
+            return self._gradient_check(self.reference_gradient(net), to_host, atol, stride)
+        return self._gradient_check(
+            self.reference_numerical(net), to_host,
+            BOOK_NUMERICAL_ATOL if book else NUMERICAL_AGREEMENT_ATOL, stride,
+            against="the numpy fast numerical gradient",
+        )
+
+    # -- training runs: the chapter's (workload A) and the deep one (workload C)
     def train_case(
-        self, implementation: str, dtype: str, steps: int, hidden_size: int = 50
+        self, implementation: str, dtype: str, steps: int, net: NetSpec = CHAPTER_NET,
+        *, workload: str | None = None,
     ) -> Case:
-        """``steps`` SGD iterations of 784-``hidden_size``-10 at lr 0.1, no evaluations."""
+        """``steps`` SGD iterations of ``net`` at lr 0.1, no evaluations."""
+        workload = workload or ("train" if net == CHAPTER_NET else "train-deep")
         schedule = self.batch_schedule(steps)
         X_host = self.inputs(dtype)
         labels_host = self.dataset.labels
-        init = self.initial_params(hidden_size, dtype)
+        init = self.initial_params(net, dtype)
+        # A ReLU net is not bounded by the sigmoid net's 3.0 (a spike is not a
+        # divergence); 10 still catches one.
+        ceiling = 3.0 if net.smooth else 10.0
 
         def check(losses: Any) -> None:
-            self.check_losses(losses, steps)
+            self.check_losses(losses, steps, ceiling)
 
         if implementation == BOOK:
             onehot = np.eye(OUTPUT_SIZE, dtype=dtype)[labels_host]
 
-            def book_setup() -> BookTwoLayerNet:
-                net = BookTwoLayerNet(INPUT_SIZE, hidden_size, OUTPUT_SIZE, dtype=dtype)
-                net.params = {name: value.copy() for name, value in init.items()}
-                return net
-
-            def book_run(net: BookTwoLayerNet) -> list[float]:
+            def book_run(book: Any) -> list[float]:
                 return book_train(
-                    net, X_host, onehot, steps, self.batch_size, LEARNING_RATE,
+                    book, X_host, onehot, steps, self.batch_size, LEARNING_RATE,
                     batch_masks=schedule,
                 ).train_loss_list
 
             return Case(
-                "train", BOOK, "backprop", dtype, hidden_size, self.batch_size,
-                book_setup, book_run, check, iterations=steps,
+                workload, BOOK, "backprop", dtype, net, self.batch_size,
+                lambda: net.book_net(init), book_run, check, iterations=steps,
             )
         if implementation in PEERS:
-            return _peer_train_case(self, implementation, dtype, steps, hidden_size)
+            return _peer_train_case(self, implementation, dtype, steps, net, workload, ceiling)
 
         backend = get_backend(implementation)
-        X = backend.asarray(X_host)
-        labels = backend.asarray(labels_host)
+        X, labels = net.build(backend, dtype, self.seed).prepare(
+            backend.asarray(X_host), backend.asarray(labels_host)
+        )
         batch_indices = backend.asarray(schedule)
 
-        def setup() -> Params:
-            return {name: backend.asarray(value.copy()) for name, value in init.items()}
+        def setup() -> MultiLayerNet:
+            return net.build(backend, dtype, self.seed)
 
-        def run(params: Params) -> Any:
-            losses = backend.two_layer_sgd_steps(
-                params, X, labels, batch_indices, LEARNING_RATE, "backprop"
-            )
+        def run(model: MultiLayerNet) -> Any:
+            losses = model.sgd_steps(X, labels, batch_indices, LEARNING_RATE, "backprop")
             backend.synchronize()
             return losses
 
-        def check_device(losses: Any) -> None:
-            check(backend.to_numpy(losses))
-
         return Case(
-            "train", implementation, "backprop", dtype, hidden_size, self.batch_size,
-            setup, run, check_device, iterations=steps,
+            workload, implementation, "backprop", dtype, net, self.batch_size,
+            setup, run, lambda losses: check(backend.to_numpy(losses)), iterations=steps,
         )
 
-    def train_step_case(self, implementation: str, dtype: str, hidden_size: int = 50) -> Case:
-        """One SGD iteration on a fixed batch (``two_layer_sgd_step``; the book's three lines)."""
+    def train_step_case(
+        self, implementation: str, dtype: str, net: NetSpec = CHAPTER_NET
+    ) -> Case:
+        """One SGD step on a fixed batch (``sgd_steps`` of one step; the book's three lines)."""
         X_host, labels_host = self.gradient_batch()
         X_host = X_host.astype(dtype)
-        init = self.initial_params(hidden_size, dtype)
+        init = self.initial_params(net, dtype)
 
         def check(loss: Any) -> None:
-            value = float(loss)
+            value = float(np.asarray(loss).reshape(-1)[0])
             require(np.isfinite(value) and 0.0 < value < 3.0, f"one-step loss {value}")
 
         if implementation == BOOK:
             onehot = np.eye(OUTPUT_SIZE, dtype=dtype)[labels_host]
 
-            def book_setup() -> BookTwoLayerNet:
-                net = BookTwoLayerNet(INPUT_SIZE, hidden_size, OUTPUT_SIZE, dtype=dtype)
-                net.params = {name: value.copy() for name, value in init.items()}
-                return net
-
-            def book_run(net: BookTwoLayerNet) -> float:
-                grad = net.gradient(X_host, onehot)
-                for key in PARAM_NAMES:
-                    net.params[key] -= LEARNING_RATE * grad[key]
-                return net.loss(X_host, onehot)
+            def book_run(book: Any) -> float:
+                grad = book.gradient(X_host, onehot)
+                for key in book.params:
+                    book.params[key] -= LEARNING_RATE * grad[key]
+                return book.loss(X_host, onehot)
 
             return Case(
-                "train-step", BOOK, "backprop", dtype, hidden_size, self.batch_size,
-                book_setup, book_run, check,
+                "train-step", BOOK, "backprop", dtype, net, self.batch_size,
+                lambda: net.book_net(init), book_run, check,
             )
 
         backend = get_backend(implementation)
-        X = backend.asarray(X_host)
-        labels = backend.asarray(labels_host)
+        X, labels = net.build(backend, dtype, self.seed).prepare(
+            backend.asarray(X_host), backend.asarray(labels_host)
+        )
+        whole_batch = backend.asarray(np.arange(X_host.shape[0])[None, :])
 
-        def setup() -> Params:
-            return {name: backend.asarray(value.copy()) for name, value in init.items()}
+        def setup() -> MultiLayerNet:
+            return net.build(backend, dtype, self.seed)
 
-        def run(params: Params) -> Any:
-            loss = backend.two_layer_sgd_step(params, X, labels, LEARNING_RATE)
+        def run(model: MultiLayerNet) -> Any:
+            loss = model.sgd_steps(X, labels, whole_batch, LEARNING_RATE, "backprop")
             backend.synchronize()
             return loss
 
         return Case(
-            "train-step", implementation, "backprop", dtype, hidden_size, self.batch_size,
+            "train-step", implementation, "backprop", dtype, net, self.batch_size,
             setup, run, lambda loss: check(backend.to_numpy(loss)),
         )
 
-    # -- one gradient of the whole net
+    # -- one gradient of the whole net (workload B, the deep gradient, the scaling curve)
     def gradient_case(
         self,
         implementation: str,
         method: str,
-        hidden_size: int = 50,
+        net: NetSpec = CHAPTER_NET,
         *,
-        workload: str = "gradient",
+        workload: str | None = None,
         naive_samples: int = 400,
     ) -> Case:
-        """One float64 gradient at batch ``batch_size`` by ``method``.
+        """One float64 gradient of ``net`` at batch ``batch_size`` by ``method``.
 
         ``"naive"`` runs the per-element loop (two full losses per parameter)
         on every ``s``-th element of each parameter, ``s = P // naive_samples``,
         and reports that time scaled by ``P / sampled``: each element costs the
         same two losses, so the extrapolation is exact up to timing noise.
         ``"forward"`` times one loss evaluation, the unit of the cost model
-        ``naive ≈ 2·P·forward``.
+        ``naive ≈ 2·P·forward``. Numerical gradients of smooth nets are checked
+        against backprop; those of ReLU nets against the NumPy backend's fast
+        kernel (within 1e-9 for fastgrad's naive loop).
         """
-        _, X_host, labels_host = self.reference_gradient(hidden_size)
-        init = self.initial_params(hidden_size)
-        total = num_params(hidden_size)
+        workload = workload or ("gradient" if net == CHAPTER_NET else "gradient-deep")
+        X_host, labels_host = self.gradient_batch()
+        init = self.initial_params(net)
+        total = net.num_params
         stride = _stride_for(total, naive_samples)
-        sampled = sum(len(range(0, value.size, stride)) for value in init.values())
-
-        def fresh() -> dict[str, np.ndarray]:
-            return {name: value.copy() for name, value in init.items()}
-
-        if implementation == BOOK:
-            return self._book_gradient_case(
-                method, hidden_size, workload, X_host, labels_host, fresh, stride, sampled
-            )
-        if implementation in PEERS:
-            return _peer_gradient_case(self, implementation, method, hidden_size, workload)
-
-        backend = get_backend(implementation)
-        X = backend.asarray(X_host)
-        labels = backend.asarray(labels_host)
-
-        def setup() -> Params:
-            return {name: backend.asarray(value) for name, value in fresh().items()}
-
+        sampled = sum(len(range(0, array.size, stride)) for array in init.arrays)
         common: dict[str, Any] = {
             "workload": workload, "implementation": implementation, "method": method,
-            "dtype": "float64", "hidden_size": hidden_size, "batch_size": self.batch_size,
-            "setup": setup,
+            "dtype": "float64", "net": net, "batch_size": self.batch_size,
         }
+        if implementation == BOOK:
+            return self._book_gradient_case(common, X_host, labels_host, init, stride, sampled)
+        if implementation in PEERS:
+            return _peer_gradient_case(self, implementation, method, net, workload)
+
+        backend = get_backend(implementation)
+        X, labels = net.build(backend, "float64", self.seed).prepare(
+            backend.asarray(X_host), backend.asarray(labels_host)
+        )
+
+        def setup() -> MultiLayerNet:
+            return net.build(backend, "float64", self.seed)
+
+        common["setup"] = setup
         if method == "backprop":
 
-            def run_backprop(params: Params) -> Params:
-                grads = backend.two_layer_gradient(params, X, labels)[1]
+            def run_backprop(model: MultiLayerNet) -> dict[str, Any]:
+                grads = model.prepared_gradient(X, labels)[1]
                 backend.synchronize()
                 return grads
 
-            check = self._gradient_check(hidden_size, backend.to_numpy, BACKPROP_ATOL["float64"])
+            check = self._gradient_check(
+                self.reference_gradient(net), backend.to_numpy, BACKPROP_ATOL["float64"]
+            )
             return Case(run=run_backprop, check=check, **common)
         if method == "fast":
 
-            def run_fast(params: Params) -> Params:
-                grads = backend.two_layer_numerical_gradient(params, X, labels, H)
+            def run_fast(model: MultiLayerNet) -> dict[str, Any]:
+                grads = model.numerical_gradient_float64(X, labels, "fast", H)
                 backend.synchronize()
                 return grads
 
-            check = self._gradient_check(hidden_size, backend.to_numpy, EXACT_GRADIENT_ATOL)
+            check = self._numerical_check(net, backend.to_numpy)
             return Case(run=run_fast, check=check, **common)
         if method == "naive":
 
-            def run_naive(params: Params) -> dict[str, Any]:
+            def run_naive(model: MultiLayerNet) -> dict[str, Any]:
                 def loss(_: Any) -> Any:
-                    return backend.two_layer_loss(params, X, labels)
+                    return model.prepared_loss(X, labels)
 
-                # The base class's loop, as TwoLayerNet.numerical_gradient(method="naive")
+                # The base class's loop, as MultiLayerNet.numerical_gradient(method="naive")
                 # runs it, on strided views so that only the sample is perturbed.
-                views = _sampled_views(params, stride)
+                views = _sampled_views(model.params, stride)
                 grads = {
                     name: Backend.numerical_gradient(backend, loss, view, H, "central")
                     for name, view in views.items()
@@ -448,18 +623,17 @@ class WorkloadFactory:
                 backend.synchronize()
                 return grads
 
-            check = self._gradient_check(
-                hidden_size, backend.to_numpy, EXACT_GRADIENT_ATOL, stride
-            )
+            check = self._numerical_check(net, backend.to_numpy, stride)
             return Case(
                 run=run_naive, check=check, scale=total / sampled, sampled_params=sampled,
                 **common,
             )
         if method == "forward":
-            expected = float(get_backend("numpy").two_layer_loss(init, X_host, labels_host))
+            reference, X64, labels64 = self._reference_model(net)
+            expected = float(reference.prepared_loss(X64, labels64))
 
-            def run_forward(params: Params) -> Any:
-                value = backend.two_layer_loss(params, X, labels)
+            def run_forward(model: MultiLayerNet) -> Any:
+                value = model.prepared_loss(X, labels)
                 backend.synchronize()
                 return value
 
@@ -472,41 +646,34 @@ class WorkloadFactory:
 
     def _book_gradient_case(
         self,
-        method: str,
-        hidden_size: int,
-        workload: str,
+        common: dict[str, Any],
         X: np.ndarray,
         labels: np.ndarray,
-        fresh: Callable[[], dict[str, np.ndarray]],
+        init: HostParams,
         stride: int,
         sampled: int,
     ) -> Case:
+        net: NetSpec = common["net"]
         onehot = np.eye(OUTPUT_SIZE)[labels]
-
-        def setup() -> BookTwoLayerNet:
-            net = BookTwoLayerNet(INPUT_SIZE, hidden_size, OUTPUT_SIZE)
-            net.params = fresh()
-            return net
-
-        common: dict[str, Any] = {
-            "workload": workload, "implementation": BOOK, "method": method, "dtype": "float64",
-            "hidden_size": hidden_size, "batch_size": self.batch_size, "setup": setup,
-        }
+        common["setup"] = lambda: net.book_net(init)
+        method = common["method"]
         if method == "backprop":
-            check = self._gradient_check(hidden_size, np.asarray, BACKPROP_ATOL["float64"])
-            return Case(run=lambda net: net.gradient(X, onehot), check=check, **common)
+            check = self._gradient_check(
+                self.reference_gradient(net), np.asarray, BACKPROP_ATOL["float64"]
+            )
+            return Case(run=lambda book: book.gradient(X, onehot), check=check, **common)
         if method == "naive":
 
-            def run_naive(net: BookTwoLayerNet) -> dict[str, np.ndarray]:
+            def run_naive(book: Any) -> dict[str, np.ndarray]:
                 def loss_W(W: np.ndarray) -> float:
-                    return net.loss(X, onehot)
+                    return book.loss(X, onehot)
 
-                views = _sampled_views(net.params, stride)
+                views = _sampled_views(book.params, stride)
                 return {name: book_numerical_gradient(loss_W, view) for name, view in views.items()}
 
-            check = self._gradient_check(hidden_size, np.asarray, BOOK_NUMERICAL_ATOL, stride)
+            check = self._numerical_check(net, np.asarray, stride, book=True)
             return Case(
-                run=run_naive, check=check, scale=num_params(hidden_size) / sampled,
+                run=run_naive, check=check, scale=net.num_params / sampled,
                 sampled_params=sampled, **common,
             )
         raise ValueError(f"the book has no {method!r} gradient")
@@ -543,7 +710,8 @@ def available_peers(peers: Sequence[str] = PEERS) -> tuple[list[str], dict[str, 
 
 # The peers run the same network, init, batches and loss (exact log-softmax
 # cross-entropy, batch mean) in their own idiom: PyTorch eager with autograd
-# and a manual SGD update; JAX with a jitted step called from a Python loop.
+# and a manual SGD update; JAX one jitted function that runs every step with
+# lax.scan. Parameters travel as the flat tuple W1, b1, ..., WL, bL.
 def _torch_device(peer: str) -> tuple[Any, Any]:
     import torch
 
@@ -555,10 +723,19 @@ def _torch_synchronize(torch: Any, device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _torch_loss(torch: Any, params: Sequence[Any], X: Any, labels: Any) -> Any:
-    W1, b1, W2, b2 = params
-    hidden = torch.sigmoid(X @ W1 + b1)
-    return torch.nn.functional.cross_entropy(hidden @ W2 + b2, labels)
+def _torch_loss(torch: Any, activation: str) -> Callable[..., Any]:
+    act = {
+        "sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh,
+        "identity": lambda values: values,
+    }[activation]
+
+    def loss(params: Sequence[Any], X: Any, labels: Any) -> Any:
+        hidden = X
+        for W, b in zip(params[0:-2:2], params[1:-2:2], strict=True):
+            hidden = act(hidden @ W + b)
+        return torch.nn.functional.cross_entropy(hidden @ params[-2] + params[-1], labels)
+
+    return loss
 
 
 def _jax_modules() -> tuple[Any, Any]:
@@ -570,60 +747,66 @@ def _jax_modules() -> tuple[Any, Any]:
     return jax, jnp
 
 
-def _jax_loss(jax: Any, jnp: Any) -> Callable[..., Any]:
+def _jax_loss(jax: Any, jnp: Any, activation: str) -> Callable[..., Any]:
+    act = {
+        "sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu, "tanh": jnp.tanh,
+        "identity": lambda values: values,
+    }[activation]
+
     def loss(params: Sequence[Any], X: Any, labels: Any) -> Any:
-        W1, b1, W2, b2 = params
-        hidden = jax.nn.sigmoid(X @ W1 + b1)
-        log_p = jax.nn.log_softmax(hidden @ W2 + b2)
+        hidden = X
+        for W, b in zip(params[0:-2:2], params[1:-2:2], strict=True):
+            hidden = act(hidden @ W + b)
+        log_p = jax.nn.log_softmax(hidden @ params[-2] + params[-1])
         return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
 
     return loss
 
 
 def _peer_train_case(
-    factory: WorkloadFactory, peer: str, dtype: str, steps: int, hidden_size: int
+    factory: WorkloadFactory, peer: str, dtype: str, steps: int, net: NetSpec, workload: str,
+    ceiling: float,
 ) -> Case:
     schedule = factory.batch_schedule(steps)
     X_host = factory.inputs(dtype)
     labels_host = factory.dataset.labels
-    init = factory.initial_params(hidden_size, dtype)
+    init = factory.initial_params(net, dtype)
 
     if peer == "jax":
         jax, jnp = _jax_modules()
-        loss_fn = _jax_loss(jax, jnp)
-        X, labels = jnp.asarray(X_host), jnp.asarray(labels_host)
-        rows_per_step = [jnp.asarray(rows) for rows in schedule]
+        loss_fn = _jax_loss(jax, jnp, net.activation)
+        X, labels, rows = jnp.asarray(X_host), jnp.asarray(labels_host), jnp.asarray(schedule)
 
         @jax.jit
-        def step(params: Any, rows: Any) -> Any:
-            loss, grads = jax.value_and_grad(loss_fn)(params, X[rows], labels[rows])
-            return tuple(p - LEARNING_RATE * g for p, g in zip(params, grads, strict=True)), loss
+        def train(params: Any, X: Any, labels: Any, rows: Any) -> Any:
+            def step(params: Any, batch: Any) -> Any:
+                loss, grads = jax.value_and_grad(loss_fn)(params, X[batch], labels[batch])
+                updated = tuple(p - LEARNING_RATE * g for p, g in zip(params, grads, strict=True))
+                return updated, loss
+
+            return jax.lax.scan(step, params, rows)
 
         def jax_setup() -> Any:
-            return tuple(jnp.asarray(init[name]) for name in PARAM_NAMES)
+            return tuple(jnp.asarray(array) for array in init.arrays)
 
         def jax_run(params: Any) -> Any:
-            losses = []
-            for rows in rows_per_step:
-                params, loss = step(params, rows)
-                losses.append(loss)
-            return jax.block_until_ready(jnp.stack(losses))
+            # One compiled call for all steps: compiled in the untimed warm-up call.
+            return jax.block_until_ready(train(params, X, labels, rows)[1])
 
         return Case(
-            "train", peer, "backprop", dtype, hidden_size, factory.batch_size, jax_setup,
-            jax_run, lambda losses: factory.check_losses(np.asarray(losses), steps),
-            iterations=steps, notes={"device": str(jax.devices()[0])},
+            workload, peer, "backprop", dtype, net, factory.batch_size, jax_setup,
+            jax_run, lambda losses: factory.check_losses(np.asarray(losses), steps, ceiling),
+            iterations=steps, notes={"device": str(jax.devices()[0]), "loop": "lax.scan"},
         )
 
     torch, device = _torch_device(peer)
+    loss_fn = _torch_loss(torch, net.activation)
     X = torch.from_numpy(X_host).to(device)
     labels = torch.from_numpy(labels_host).to(device)
     batch_indices = torch.from_numpy(schedule).to(device)
 
     def setup() -> list[Any]:
-        return [
-            torch.tensor(init[name], device=device, requires_grad=True) for name in PARAM_NAMES
-        ]
+        return [torch.tensor(array, device=device, requires_grad=True) for array in init.arrays]
 
     def run(params: list[Any]) -> Any:
         # Losses stay on the device: reading each one would synchronise a GPU
@@ -631,7 +814,7 @@ def _peer_train_case(
         losses = torch.empty(steps, dtype=torch.float64, device=device)
         for step in range(steps):
             rows = batch_indices[step]
-            loss = _torch_loss(torch, params, X[rows], labels[rows])
+            loss = loss_fn(params, X[rows], labels[rows])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 for param, grad in zip(params, grads, strict=True):
@@ -641,52 +824,52 @@ def _peer_train_case(
         return losses
 
     return Case(
-        "train", peer, "backprop", dtype, hidden_size, factory.batch_size, setup, run,
-        lambda losses: factory.check_losses(losses.cpu().numpy(), steps), iterations=steps,
+        workload, peer, "backprop", dtype, net, factory.batch_size, setup, run,
+        lambda losses: factory.check_losses(losses.cpu().numpy(), steps, ceiling),
+        iterations=steps,
         notes={"threads": torch.get_num_threads()} if device.type == "cpu" else {},
     )
 
 
 def _peer_gradient_case(
-    factory: WorkloadFactory, peer: str, method: str, hidden_size: int, workload: str
+    factory: WorkloadFactory, peer: str, method: str, net: NetSpec, workload: str
 ) -> Case:
     if method != "backprop":
         raise ValueError(f"peers are timed on backprop only, not {method!r}")
-    _, X_host, labels_host = factory.reference_gradient(hidden_size)
-    init = factory.initial_params(hidden_size)
+    X_host, labels_host = factory.gradient_batch()
+    init = factory.initial_params(net)
+    reference = factory.reference_gradient(net)
 
     if peer == "jax":
         jax, jnp = _jax_modules()
-        gradient = jax.jit(jax.grad(_jax_loss(jax, jnp)))
+        gradient = jax.jit(jax.grad(_jax_loss(jax, jnp, net.activation)))
         X, labels = jnp.asarray(X_host), jnp.asarray(labels_host)
 
         def jax_run(params: Any) -> dict[str, Any]:
-            grads = jax.block_until_ready(gradient(params, X, labels))
-            return dict(zip(PARAM_NAMES, grads, strict=True))
+            return init.named(jax.block_until_ready(gradient(params, X, labels)))
 
         return Case(
-            workload, peer, "backprop", "float64", hidden_size, factory.batch_size,
-            lambda: tuple(jnp.asarray(init[name]) for name in PARAM_NAMES), jax_run,
-            factory._gradient_check(hidden_size, np.asarray, BACKPROP_ATOL["float64"]),
+            workload, peer, "backprop", "float64", net, factory.batch_size,
+            lambda: tuple(jnp.asarray(array) for array in init.arrays), jax_run,
+            factory._gradient_check(reference, np.asarray, BACKPROP_ATOL["float64"]),
         )
 
     torch, device = _torch_device(peer)
+    loss_fn = _torch_loss(torch, net.activation)
     X = torch.from_numpy(X_host.copy()).to(device)
     labels = torch.from_numpy(labels_host.copy()).to(device)
 
     def setup() -> list[Any]:
-        return [
-            torch.tensor(init[name], device=device, requires_grad=True) for name in PARAM_NAMES
-        ]
+        return [torch.tensor(array, device=device, requires_grad=True) for array in init.arrays]
 
     def run(params: list[Any]) -> dict[str, Any]:
-        grads = torch.autograd.grad(_torch_loss(torch, params, X, labels), params)
+        grads = torch.autograd.grad(loss_fn(params, X, labels), params)
         _torch_synchronize(torch, device)
-        return dict(zip(PARAM_NAMES, grads, strict=True))
+        return init.named(grads)
 
     return Case(
-        workload, peer, "backprop", "float64", hidden_size, factory.batch_size, setup, run,
+        workload, peer, "backprop", "float64", net, factory.batch_size, setup, run,
         factory._gradient_check(
-            hidden_size, lambda t: t.detach().cpu().numpy(), BACKPROP_ATOL["float64"]
+            reference, lambda t: t.detach().cpu().numpy(), BACKPROP_ATOL["float64"]
         ),
     )

@@ -9,22 +9,32 @@ and are reported on their own.
 
 Workloads (see :mod:`fastgrad._bench_workloads`):
 
-``train``
+``train`` (workload A)
     The chapter's training run: TwoLayerNet(784, 50, 10), batch 100, lr 0.1,
     no accuracy evaluations; 10,000 iterations with ``--full``. Includes the
     book's own loop as the baseline.
-``gradient``
+``gradient`` (workload B)
     One float64 gradient of 784-50-10 at batch 100: backprop, the fast
     numerical kernel, and the naive per-element loop timed on a fixed sample
     of the parameters and extrapolated (marked ``*``).
+``train-deep`` (workload C)
+    MultiLayerNet(784, [100, 100, 100], 10, "relu"), He init, batch 100,
+    lr 0.1, float64 and float32, as many iterations as ``train``: the
+    model's loop on each backend; the baseline ``book`` is the same net
+    written out in plain NumPy (the book's chapter-6 MultiLayerNet and its
+    loop); peers JAX (jit + ``lax.scan`` over all steps) and PyTorch.
+``gradient-deep``
+    One float64 gradient of MultiLayerNet(784, [100, 100], 10, "relu") at
+    batch 100, as ``gradient``; the sampled naive loop and the fast kernels
+    must agree within 1e-9.
 ``scaling``
-    The same at hidden sizes 5, 10, 50, 100, 500, plus one forward loss per
-    size for the cost model of the naive method (2·P forward passes).
+    The same at hidden sizes 5, 10, 50, 100, 500 with one hidden layer, and
+    up to 100 with two and three (ReLU), plus one forward loss per size for
+    the cost model of the naive method (2·P forward passes).
 
 Examples
 --------
 >>> import argparse
-import contextlib
 >>> from fastgrad.benchmarks import add_bench_arguments
 >>> parser = argparse.ArgumentParser()
 >>> add_bench_arguments(parser)
@@ -54,13 +64,19 @@ from typing import Any, TextIO
 
 from fastgrad._bench_workloads import (
     BOOK,
+    CHAPTER_NET,
+    DEEP_GRADIENT_NET,
+    DEEP_TRAIN_NET,
     PEERS,
     Case,
     Dataset,
+    NetSpec,
     WorkloadFactory,
     available_peers,
     embedded_mnist,
+    net_label,
     read_mnist,
+    scaling_net,
     synthetic_mnist,
 )
 from fastgrad.backends import get_backend, known_backends, unavailable_reason
@@ -77,10 +93,16 @@ __all__ = [
     "run_suite",
 ]
 
-SCHEMA = "fastgrad-bench/1"
-WORKLOADS = ("train", "gradient", "scaling")
+# 2: results name their net (layer_sizes, activation, hidden_layers); deep workloads.
+SCHEMA = "fastgrad-bench/2"
+WORKLOADS = ("train", "gradient", "train-deep", "gradient-deep", "scaling")
 DTYPES = ("float64", "float32")
 SCALING_HIDDEN_SIZES = (5, 10, 50, 100, 500)
+SCALING_DEPTHS = (1, 2, 3)
+# Beyond this width a net of 2-3 hidden layers is left out of the scaling
+# curve: its fast numerical gradient (the reference kernel, ~5 s at three
+# layers of 100 on 2 cores) grows with the square of the width.
+SCALING_DEEP_MAX_WIDTH = 100
 # Implementations whose first call runs the same code as every later one.
 _NOTHING_TO_COMPILE = frozenset({"numpy", BOOK})
 
@@ -98,6 +120,8 @@ class BenchConfig:
     rounds: int = 5
     budget_s: float = 5.0  # timed seconds per measurement before rounds are cut short
     hidden_sizes: tuple[int, ...] = SCALING_HIDDEN_SIZES
+    scaling_depths: tuple[int, ...] = SCALING_DEPTHS  # hidden layers of the scaling curve
+    scaling_deep_max_width: int = SCALING_DEEP_MAX_WIDTH
     naive_samples: int = 400  # parameters the naive loop is timed on (gradient workload)
     scaling_naive_samples: int = 40
     # --quick and --full: code with nothing to compile (numpy, the book) skips
@@ -118,11 +142,11 @@ class BenchConfig:
 
     @classmethod
     def preset(cls, mode: str, **overrides: Any) -> BenchConfig:
-        """``quick`` (under a minute on 2 cores), ``default``, or ``full`` (the issues' sizes)."""
+        """``quick`` (a minute or two on 2 cores), ``default``, or ``full`` (the issues' sizes)."""
         presets: dict[str, dict[str, Any]] = {
             "quick": {"iterations": 100, "rounds": 3, "budget_s": 1.0, "naive_samples": 100,
                       "scaling_naive_samples": 10, "warm_up_everything": False,
-                      "settle_s": 0.05},
+                      "settle_s": 0.05, "scaling_deep_max_width": 50},
             "default": {},
             "full": {"iterations": 10_000, "rounds": 3, "budget_s": 120.0, "naive_samples": 4000,
                      "scaling_naive_samples": 400, "warm_up_everything": False},
@@ -150,7 +174,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument(
         "--quick", dest="mode", action="store_const", const="quick",
-        help="short runs (100 training iterations): under a minute on 2 cores",
+        help="short runs (100 training iterations, deep scaling up to width 50): a minute "
+        "or two on 2 cores",
     )
     speed.add_argument(
         "--full", dest="mode", action="store_const", const="full",
@@ -167,7 +192,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtype", metavar="LIST", default=",".join(DTYPES),
-        help="dtypes of the training run (default: float64,float32); gradients are "
+        help="dtypes of the training runs (default: float64,float32); gradients are "
         "always float64, the precision numerical differences need",
     )
     parser.add_argument(
@@ -184,7 +209,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--hidden-sizes", metavar="LIST", default=None,
-        help="hidden sizes of the scaling curve (default: 5,10,50,100,500)",
+        help="hidden sizes of the scaling curve (default: 5,10,50,100,500; with 2-3 hidden "
+        f"layers only those up to {SCALING_DEEP_MAX_WIDTH}, 50 with --quick)",
+    )
+    parser.add_argument(
+        "--scaling-depths", metavar="LIST", default=None,
+        help="hidden layers of the scaling curve's nets (default: 1,2,3; one is the chapter's "
+        "sigmoid net, more are ReLU nets of equal widths)",
     )
     parser.add_argument(
         "--naive-samples", type=int, default=None, metavar="N",
@@ -209,6 +240,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG")
 
 
+def _positive_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(item) for item in _comma_list(text))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} takes comma-separated positive integers, got {text!r}")
+    return values
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Turn parsed ``fastgrad bench`` arguments into a :class:`BenchConfig`."""
     dtypes = tuple(_comma_list(args.dtype))
@@ -219,9 +262,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     for workload in workloads:
         if workload not in WORKLOADS:
             raise ValueError(f"--workloads takes {', '.join(WORKLOADS)}; got {workload!r}")
-    hidden = None
-    if args.hidden_sizes is not None:
-        hidden = tuple(int(size) for size in _comma_list(args.hidden_sizes))
+    hidden = _positive_ints(args.hidden_sizes, "--hidden-sizes")
+    depths = _positive_ints(args.scaling_depths, "--scaling-depths")
     for name in ("iterations", "rounds", "threads", "naive_samples", "train_samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -234,6 +276,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         iterations=args.iterations,
         rounds=args.rounds,
         hidden_sizes=hidden,
+        scaling_depths=depths,
         peers=args.peers,
         out=args.out,
         data=args.data,
@@ -401,39 +444,60 @@ class Report:
         return [row for row in self.results if row["error"]]
 
 
-def _plan(
-    config: BenchConfig, backends: Sequence[str], peers: Sequence[str]
-) -> list[list[tuple]]:
-    """The cases to build, in groups whose rounds are interleaved (one workload, size, dtype)."""
-    groups: list[list[tuple]] = []
-    if "train" in config.workloads:
-        for dtype in config.dtypes:
-            groups.append([("train", name, dtype) for name in (BOOK, *backends, *peers)])
-    if "gradient" in config.workloads:
-        group = []
-        for implementation in (BOOK, *backends, *peers):
-            methods = ("backprop", "naive") if implementation == BOOK else (
-                ("backprop",) if implementation in PEERS else ("backprop", "fast", "naive")
-            )
-            group += [("gradient", implementation, method, 50) for method in methods]
-        groups.append(group)
-    if "scaling" in config.workloads:
-        for hidden in config.hidden_sizes:
+Item = tuple[str, str, str, str, NetSpec]
+"""A case to build: workload, implementation, method, dtype, net."""
+
+
+def _gradient_methods(implementation: str) -> tuple[str, ...]:
+    if implementation == BOOK:
+        return ("backprop", "naive")
+    if implementation in PEERS:
+        return ("backprop",)
+    return ("backprop", "fast", "naive")
+
+
+def _plan(config: BenchConfig, backends: Sequence[str], peers: Sequence[str]) -> list[list[Item]]:
+    """The cases to build, in groups whose rounds are interleaved (one workload, net, dtype)."""
+    groups: list[list[Item]] = []
+    everyone = (BOOK, *backends, *peers)
+    fixed_nets = (
+        ("train", CHAPTER_NET),
+        ("gradient", CHAPTER_NET),
+        ("train-deep", DEEP_TRAIN_NET),
+        ("gradient-deep", DEEP_GRADIENT_NET),
+    )
+    for workload, net in fixed_nets:
+        if workload not in config.workloads:
+            continue
+        if workload.startswith("train"):
+            for dtype in config.dtypes:
+                groups.append([(workload, name, "backprop", dtype, net) for name in everyone])
+        else:
             groups.append([
-                ("scaling", implementation, method, hidden)
-                for implementation in backends
-                for method in ("backprop", "fast", "naive", "forward")
+                (workload, name, method, "float64", net)
+                for name in everyone for method in _gradient_methods(name)
             ])
+    if "scaling" in config.workloads:
+        for depth in config.scaling_depths:
+            for width in config.hidden_sizes:
+                if depth > 1 and width > config.scaling_deep_max_width:
+                    continue
+                groups.append([
+                    ("scaling", implementation, method, "float64", scaling_net(width, depth))
+                    for implementation in backends
+                    for method in ("backprop", "fast", "naive", "forward")
+                ])
     return [group for group in groups if group]
 
 
-def _build(factory: WorkloadFactory, config: BenchConfig, item: tuple) -> Case:
-    if item[0] == "train":
-        return factory.train_case(item[1], item[2], config.iterations)
-    workload, implementation, method, hidden = item
-    samples = config.naive_samples if workload == "gradient" else config.scaling_naive_samples
+def _build(factory: WorkloadFactory, config: BenchConfig, item: Item) -> Case:
+    workload, implementation, method, dtype, net = item
+    if workload.startswith("train"):
+        return factory.train_case(implementation, dtype, config.iterations, net,
+                                  workload=workload)
+    samples = config.scaling_naive_samples if workload == "scaling" else config.naive_samples
     return factory.gradient_case(
-        implementation, method, hidden, workload=workload, naive_samples=samples
+        implementation, method, net, workload=workload, naive_samples=samples
     )
 
 
@@ -588,6 +652,9 @@ def _row(case: Case, measured: Measurement) -> dict[str, Any]:
         "method": case.method,
         "dtype": case.dtype,
         "hidden_size": case.hidden_size,
+        "layer_sizes": list(case.net.layer_sizes),
+        "activation": case.net.activation,
+        "hidden_layers": case.net.hidden_layers,
         "batch_size": case.batch_size,
         "num_params": case.num_params,
         "iterations": case.iterations,
@@ -608,10 +675,10 @@ def _row(case: Case, measured: Measurement) -> dict[str, Any]:
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Fill the ratio columns from rows of the same workload, size and dtype."""
+    """Fill the ratio columns from rows of the same workload, net and dtype."""
 
     def key(row: dict[str, Any]) -> tuple:
-        return (row["workload"], row["hidden_size"], row["dtype"])
+        return (row["workload"], tuple(row["layer_sizes"]), row["activation"], row["dtype"])
 
     medians = {
         (*key(row), row["implementation"], row["method"]): row["median_s"]
@@ -729,11 +796,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
               "vs book")
     lines: list[tuple[str, ...]] = [header]
     for row in rows:
-        # The scaling curve names every size; elsewhere hidden 50 is the chapter's net.
-        chapter_net = row["hidden_size"] == 50 and row["workload"] != "scaling"
-        size = "" if chapter_net else f" h={row['hidden_size']}"
-        workload = row["workload"] + size
-        if row["workload"] == "train":
+        # The scaling curve names every size; elsewhere 784-50-10 is the chapter's net.
+        hidden = row["layer_sizes"][1:-1]
+        workload = row["workload"] + net_label(row["workload"], hidden, row["activation"])
+        if row["workload"].startswith("train"):
             workload += f" x{row['iterations']}"
         median = _seconds(row["median_s"]) + ("*" if row["extrapolated"] else "")
         if row["error"]:
@@ -811,6 +877,14 @@ def format_report(report: Report) -> str:
         )
     lines.append("/numpy bp: time over NumPy backprop's on the same workload (lower is faster); "
                  "num/bp: numerical over backprop; vs book: the book's time over this one.")
+    lines.append("book: the book's code in plain NumPy, chapter 4's TwoLayerNet for 784-50-10 "
+                 "and chapter 6's MultiLayerNet (Affine/ReLU/SoftmaxWithLoss layers) for the "
+                 "deeper nets; numerical gradients of ReLU nets are checked against NumPy's fast "
+                 "kernel (within 1e-9), not backprop, which differs where a step crosses a kink.")
+    if "scaling" in report.config.workloads and max(report.config.scaling_depths) > 1:
+        lines.append(f"scaling: nets of 2-3 hidden layers up to width "
+                     f"{report.config.scaling_deep_max_width} (wider ones take minutes per "
+                     "numerical gradient)")
     lines += _headlines(report.results)
     lines.append(f"total wall time {report.wall_seconds:.1f} s")
     return "\n".join(lines)
@@ -819,47 +893,59 @@ def format_report(report: Report) -> str:
 def _headlines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The ratios the issues set targets for, as measured (no verdicts)."""
     found = {
-        (row["workload"], row["hidden_size"], row["implementation"], row["method"], row["dtype"]):
-        row["median_s"]
+        (row["workload"], tuple(row["layer_sizes"]), row["implementation"], row["method"],
+         row["dtype"]): row["median_s"]
         for row in rows if not row["error"] and row["times_s"]
     }
     lines = []
-    for dtype in DTYPES:
-        book = found.get(("train", 50, BOOK, "backprop", dtype))
-        torch_cpu = found.get(("train", 50, "torch-cpu", "backprop", dtype))
+    trainings = (("train", CHAPTER_NET, "the book's loop"),
+                 ("train-deep", DEEP_TRAIN_NET, "the plain NumPy loop"))
+    for workload, net, baseline_name in trainings:
+        sizes = net.layer_sizes
+        for dtype in DTYPES:
+            baseline = found.get((workload, sizes, BOOK, "backprop", dtype))
+            peers = [(label, found.get((workload, sizes, peer, "backprop", dtype)))
+                     for label, peer in (("JAX", "jax"), ("PyTorch CPU eager", "torch-cpu"))]
+            for name in known_backends():
+                own = found.get((workload, sizes, name, "backprop", dtype))
+                if own and baseline:
+                    text = (f"{workload} {dtype}, {name}: speed-up over {baseline_name} "
+                            f"{baseline / own:.2f}x")
+                    text += "".join(f", over {label} {peer / own:.2f}x"
+                                    for label, peer in peers if peer)
+                    lines.append(text)
+    gradients = (("gradient", CHAPTER_NET), ("gradient-deep", DEEP_GRADIENT_NET))
+    for workload, net in gradients:
+        sizes = net.layer_sizes
+        described = "-".join(map(str, sizes)) + ("" if net.smooth else f" {net.activation}")
+        naive = found.get((workload, sizes, BOOK, "naive", "float64"))
+        numpy_fast = found.get((workload, sizes, "numpy", "fast", "float64"))
         for name in known_backends():
-            own = found.get(("train", 50, name, "backprop", dtype))
-            if own and book:
-                text = f"train {dtype}, {name}: speed-up over the book's loop {book / own:.2f}x"
-                if torch_cpu:
-                    text += f", over PyTorch CPU eager {torch_cpu / own:.2f}x"
-                lines.append(text)
-    naive = found.get(("gradient", 50, BOOK, "naive", "float64"))
-    for name in known_backends():
-        fast = found.get(("gradient", 50, name, "fast", "float64"))
-        if fast and naive:
-            line = (
-                f"numerical gradient 784-50-10, {name} fast: speed-up over the book's naive "
-                f"loop* {naive / fast:,.0f}x"
-            )
-            numpy_fast = found.get(("gradient", 50, "numpy", "fast", "float64"))
-            if numpy_fast and name != "numpy":
-                line += f", over numpy fast {numpy_fast / fast:.1f}x"
-            lines.append(line)
+            fast = found.get((workload, sizes, name, "fast", "float64"))
+            if fast and naive:
+                line = (
+                    f"numerical gradient {described}, {name} fast: speed-up over the book's naive "
+                    f"loop* {naive / fast:,.0f}x"
+                )
+                if numpy_fast and name != "numpy":
+                    line += f", over numpy fast {numpy_fast / fast:.1f}x"
+                lines.append(line)
     return lines
 
 
 def to_json(report: Report) -> dict[str, Any]:
-    """The report as plain JSON data (schema ``fastgrad-bench/1``).
+    """The report as plain JSON data (schema ``fastgrad-bench/2``).
 
     Top level: ``schema``, ``created`` (UTC, ISO 8601), ``wall_seconds``,
     ``config`` (the :class:`BenchConfig`), ``machine`` (CPU, cores, GPUs,
     package versions, each backend's ``describe()``), ``dataset``,
     ``compile_seconds`` (backend -> dtype -> warm-up seconds), ``skipped``
     (name -> reason) and ``results``: one object per timed case with
-    ``workload``, ``implementation``, ``method``, ``dtype``, ``hidden_size``,
-    ``batch_size``, ``num_params``, ``iterations``, ``rounds``, ``times_s``,
-    ``median_s``, ``min_s``, ``max_s``, ``first_call_s``, ``sampled_params``,
+    ``workload``, ``implementation``, ``method``, ``dtype``, ``hidden_size``
+    (the first hidden layer's width), ``layer_sizes``, ``activation``,
+    ``hidden_layers``, ``batch_size``, ``num_params``, ``iterations``,
+    ``rounds``, ``times_s``, ``median_s``, ``min_s``, ``max_s``,
+    ``first_call_s``, ``sampled_params``,
     ``extrapolated``, ``error``, ``notes`` and the three ratios
     ``relative_to_numpy_backprop``, ``numerical_over_backprop`` and
     ``speedup_vs_book`` (null where they do not apply). Times of naive
@@ -893,11 +979,14 @@ def to_json(report: Report) -> dict[str, Any]:
 
 
 def write_scaling_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> bool:
-    """Time per gradient against parameters, log-log; False when matplotlib is missing.
+    """Time per gradient against network size, log-log; False when matplotlib is missing.
 
-    One line per implementation x method; the dashed line is the naive
-    method's cost model, 2·P forward passes, from each size's measured
-    NumPy forward loss.
+    Left, against the parameters of the one-hidden-layer nets (the chapter's
+    TwoLayerNet at every width): one line per implementation x method, and
+    the dashed line of the naive method's cost model, 2·P forward passes,
+    from each size's measured NumPy forward loss. Right, when deeper nets
+    were measured: the same against the number of hidden layers, at the
+    widest width measured at every depth.
     """
     try:
         from matplotlib.figure import Figure
@@ -905,18 +994,55 @@ def write_scaling_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = 
         return False
     scaling = [row for row in rows if row["workload"] == "scaling" and row["times_s"]
                and not row["error"]]
-    figure = Figure(figsize=(7.5, 5.0), layout="constrained")
-    axes = figure.add_subplot()
-    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for row in scaling:
+    depths = sorted({row["hidden_layers"] for row in scaling})
+    figure = Figure(figsize=(13.0 if len(depths) > 1 else 7.5, 5.0), layout="constrained")
+    width_axes, *depth_axes = figure.subplots(1, 2 if len(depths) > 1 else 1, squeeze=False)[0]
+    # Colour says which backend, the line style which method.
+    implementations = sorted({row["implementation"] for row in scaling})
+    colours = {name: f"C{index}" for index, name in enumerate(implementations)}
+    _draw_scaling(
+        width_axes, [row for row in scaling if row["hidden_layers"] == 1], colours,
+        lambda row: row["num_params"],
+    )
+    width_axes.set_xscale("log")
+    width_axes.set_xlabel("parameters P of TwoLayerNet(784, H, 10)")
+    if depth_axes:
+        figure.suptitle(title or "gradient cost against network size")
+        width_axes.set_title("against width, one hidden layer")
+    else:
+        width_axes.set_title(title or "gradient cost against network size")
+    if depth_axes:
+        axes = depth_axes[0]
+        widths_at = [{row["hidden_size"] for row in scaling if row["hidden_layers"] == depth}
+                     for depth in depths]
+        common = set.intersection(*widths_at)
+        if common:
+            width = max(common)
+            chosen = [row for row in scaling if row["hidden_size"] == width]
+            # The left panel's legend names the same lines.
+            _draw_scaling(axes, chosen, colours, lambda row: row["hidden_layers"], legend=False)
+            sizes = sorted({(row["hidden_layers"], row["num_params"]) for row in chosen})
+            axes.set_xticks([depth for depth, _ in sizes])
+            axes.set_xticklabels([f"{depth}\nP={params:,}" for depth, params in sizes])
+            axes.set_title(f"against depth, hidden layers of width {width}")
+        axes.set_xlabel("hidden layers (one: the chapter's sigmoid net; more: ReLU)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return True
+
+
+def _draw_scaling(
+    axes: Any, rows: Sequence[dict[str, Any]], colours: dict[str, str],
+    x_of: Callable[[dict[str, Any]], float], legend: bool = True,
+) -> None:
+    """One line per implementation x method of ``rows`` at ``x_of(row)``, and the cost model."""
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for row in rows:
         if row["method"] != "forward":
             series.setdefault((row["implementation"], row["method"]), []).append(
-                (row["num_params"], row["median_s"])
+                (x_of(row), row["median_s"])
             )
-    # Colour says which backend, the line style which method.
     styles = {"backprop": "o-", "fast": "s--", "naive": "^:"}
-    implementations = sorted({implementation for implementation, _ in series})
-    colours = {name: f"C{index}" for index, name in enumerate(implementations)}
     for (implementation, method), points in sorted(series.items()):
         points.sort()
         label = f"{implementation} {method}" + (" (extrapolated)" if method == "naive" else "")
@@ -925,24 +1051,19 @@ def write_scaling_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = 
             label=label,
         )
     model = sorted(
-        (row["num_params"], 2 * row["num_params"] * row["median_s"])
-        for row in scaling if row["method"] == "forward" and row["implementation"] == "numpy"
+        (x_of(row), 2 * row["num_params"] * row["median_s"])
+        for row in rows if row["method"] == "forward" and row["implementation"] == "numpy"
     )
     if model:
         axes.plot(
             *zip(*model, strict=True), "k-", linewidth=3, alpha=0.25,
             label="cost model: 2·P forward passes (numpy)",
         )
-    axes.set_xscale("log")
     axes.set_yscale("log")
-    axes.set_xlabel("parameters P of TwoLayerNet(784, H, 10)")
     axes.set_ylabel("seconds per gradient (batch 100, float64)")
-    axes.set_title(title or "gradient cost against network size")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize="small")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    return True
+    if legend and (series or model):
+        axes.legend(fontsize="small")
 
 
 # --------------------------------------------------------------------- entry point

@@ -20,12 +20,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import IO, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from fastgrad import __version__
+from fastgrad.backends._base import ACTIVATIONS
 from fastgrad.errors import BackendUnavailableError
+
+if TYPE_CHECKING:
+    from fastgrad.models import MultiLayerNet
 
 __all__ = ["main"]
 
@@ -70,6 +74,49 @@ def _learning_rate(text: str) -> float:
     return value
 
 
+def _hidden_sizes(text: str) -> list[int]:
+    sizes = []
+    for item in text.split(","):
+        try:
+            size = int(item)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated positive widths such as 100,100, got {text!r}"
+            )
+        sizes.append(size)
+    return sizes
+
+
+def _weight_decay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+_INIT_RULES = ("relu", "he", "sigmoid", "xavier")
+
+
+def _weight_init(text: str) -> float | str:
+    if text.lower() in _INIT_RULES:
+        return text.lower()
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive standard deviation or one of {', '.join(_INIT_RULES)}, "
+            f"got {text!r}"
+        )
+    return value
+
+
 def _build_parser(bench: ModuleType | None) -> argparse.ArgumentParser:
     parser = _Parser(prog="fastgrad", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"fastgrad {__version__}")
@@ -77,9 +124,12 @@ def _build_parser(bench: ModuleType | None) -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train the chapter's TwoLayerNet on MNIST",
-        description="Train TwoLayerNet by mini-batch SGD as in the chapter; the defaults "
-        "reproduce the book's run. Writes history.json, params.npz and training.png.",
+        help="train the chapter's TwoLayerNet, or any MultiLayerNet, on MNIST",
+        description="Train a network by mini-batch SGD as in the chapter; the defaults "
+        "reproduce the book's run (TwoLayerNet 784-50-10, sigmoid). --hidden, --activation "
+        "and --weight-decay describe any other MultiLayerNet (one sigmoid hidden layer "
+        "without weight decay is a TwoLayerNet). Writes history.json, params.npz and "
+        "training.png.",
     )
     train.add_argument(
         "--backend",
@@ -96,7 +146,34 @@ def _build_parser(bench: ModuleType | None) -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, default=100, help="default: 100")
     train.add_argument("--lr", type=_learning_rate, default=0.1, help="default: 0.1")
     train.add_argument(
-        "--hidden", type=_positive_int, default=50, help="hidden units (default: 50)"
+        "--hidden",
+        type=_hidden_sizes,
+        default=None,
+        metavar="WIDTHS",
+        help="widths of the hidden layers, comma-separated, e.g. 100,100,100 "
+        "(default: the chapter's 50)",
+    )
+    train.add_argument(
+        "--activation",
+        default=None,
+        choices=ACTIVATIONS,
+        help="of the hidden layers (default: sigmoid, the chapter's)",
+    )
+    train.add_argument(
+        "--weight-decay",
+        type=_weight_decay,
+        default=0.0,
+        metavar="LAMBDA",
+        help="L2 penalty 0.5·λ·sum(W²) over the weights (default: 0)",
+    )
+    train.add_argument(
+        "--weight-init",
+        type=_weight_init,
+        default=None,
+        metavar="STD",
+        help="standard deviation of the initial weights, or relu/he (sqrt(2/fan_in)) or "
+        "sigmoid/xavier (sqrt(1/fan_in)); default: 0.01 for one sigmoid hidden layer (the "
+        "chapter's), He for relu nets, Xavier for the others, as the book",
     )
     train.add_argument(
         "--dataset",
@@ -225,8 +302,7 @@ def _show_warning(
 def _run_train(args: argparse.Namespace) -> int:
     from fastgrad.backends import get_backend
     from fastgrad.checkpoint import save_params
-    from fastgrad.models import TwoLayerNet
-    from fastgrad.train import TrainingHistory, train
+    from fastgrad.train import TrainingDivergedError, TrainingHistory, train
 
     backend = get_backend(args.backend)
     dtype = np.dtype(args.dtype)
@@ -238,11 +314,14 @@ def _run_train(args: argparse.Namespace) -> int:
     # An unseeded run still records its seed, so any run can be repeated.
     seed = args.seed if args.seed is not None else int(np.random.default_rng().integers(2**32))
     (x_train, _), (x_test, _) = data
-    net = TwoLayerNet(x_train.shape[1], args.hidden, 10, dtype=dtype, seed=seed, backend=backend)
+    net, weight_init = _build_net(args, x_train.shape[1], dtype, seed, backend)
     print(
-        f"training {net!r} on {dataset}: {len(x_train):,} train / {len(x_test):,} test images, "
-        f"{args.iters} iterations of batch {args.batch_size}, lr {args.lr}, {args.grad} "
-        f"gradients, seed {seed}",
+        f"training {type(net).__name__} {'-'.join(map(str, net.layer_sizes))} "
+        f"({net.activation} hidden layers, weight init {_describe_init(weight_init)}, "
+        f"weight decay {net.weight_decay_lambda:g}; {net.num_params:,} {dtype.name} parameters "
+        f"on {backend.name}) on {dataset}: {len(x_train):,} train / {len(x_test):,} test "
+        f"images, {args.iters} iterations of batch {args.batch_size}, lr {args.lr}, "
+        f"{args.grad} gradients, seed {seed}",
         flush=True,
     )
     progress = _Progress(args.iters)
@@ -264,9 +343,29 @@ def _run_train(args: argparse.Namespace) -> int:
             seed=seed,
             callback=on_progress,
         )
+    except TrainingDivergedError as error:
+        progress.close()
+        # The losses up to the divergence say what went wrong; the parameters
+        # are useless, so neither they nor a figure are written.
+        error.history.config.update(
+            dataset=dataset,
+            model=type(net).__name__,
+            weight_init=weight_init,
+            weight_seed=seed,
+            diverged=str(error),
+        )
+        path = error.history.save(out / "history.json")
+        kept = len(error.history.losses)
+        _error(
+            f"{error}; wrote only {path} (the losses of the {kept} iteration"
+            f"{'' if kept == 1 else 's'} before the divergence), no params.npz or training.png"
+        )
+        return 1
     finally:
         progress.close()
-    history.config.update(dataset=dataset, weight_seed=seed)
+    history.config.update(
+        dataset=dataset, model=type(net).__name__, weight_init=weight_init, weight_seed=seed
+    )
     written = [history.save(out / "history.json"), save_params(net, out / "params.npz")]
     figure = _save_figure(history, out / "training.png")
     if figure is not None:
@@ -280,6 +379,61 @@ def _run_train(args: argparse.Namespace) -> int:
     )
     print(f"wrote {', '.join(str(path) for path in written)}")
     return 0
+
+
+# The chapter's network, and its init: std 0.01, as the book's TwoLayerNet.
+_CHAPTER_HIDDEN = [50]
+_CHAPTER_ACTIVATION = "sigmoid"
+_CHAPTER_INIT = 0.01
+
+
+def _build_net(
+    args: argparse.Namespace, input_size: int, dtype: np.dtype, seed: int, backend: Any
+) -> tuple[MultiLayerNet, float | str]:
+    """The net the flags describe, and its weight init: a TwoLayerNet for the chapter's.
+
+    Without --hidden the hidden layers are sigmoid (the chapter's run); with
+    it, relu, as the book's MultiLayerNet. The init follows the book: std
+    0.01 for one sigmoid hidden layer (the chapter's shape, with or without
+    weight decay), He for relu, Xavier for the other sigmoid, tanh and
+    identity nets. Weight decay or a named init makes it a MultiLayerNet,
+    since TwoLayerNet has neither.
+    """
+    from fastgrad.models import MultiLayerNet, TwoLayerNet
+
+    hidden = _CHAPTER_HIDDEN if args.hidden is None else args.hidden
+    activation = args.activation or _CHAPTER_ACTIVATION
+    chapter_shape = len(hidden) == 1 and activation == _CHAPTER_ACTIVATION
+    weight_init = args.weight_init
+    if weight_init is None:
+        default = "relu" if activation == "relu" else "xavier"
+        weight_init = _CHAPTER_INIT if chapter_shape else default
+    net: MultiLayerNet
+    if chapter_shape and not args.weight_decay and not isinstance(weight_init, str):
+        net = TwoLayerNet(
+            input_size, hidden[0], 10, weight_init, dtype=dtype, seed=seed, backend=backend
+        )
+    else:
+        net = MultiLayerNet(
+            input_size,
+            hidden,
+            10,
+            activation,
+            weight_init,
+            args.weight_decay,
+            dtype=dtype,
+            seed=seed,
+            backend=backend,
+        )
+    return net, weight_init
+
+
+def _describe_init(weight_init: float | str) -> str:
+    if weight_init in ("relu", "he"):
+        return "He (sqrt(2/fan_in))"
+    if weight_init in ("sigmoid", "xavier"):
+        return "Xavier (sqrt(1/fan_in))"
+    return f"std {weight_init:g}"
 
 
 def _load_data(dataset: str, data_dir: str | None, dtype: np.dtype) -> tuple[Any, str]:

@@ -15,6 +15,18 @@ class BackendUnavailableError(RuntimeError):
     """
 
 
+class GradientCheckError(AssertionError):
+    """A gradient check failed; :attr:`report` is the full :class:`~fastgrad.GradientCheckReport`.
+
+    An ``AssertionError``, so that pytest shows it as a failed assertion with
+    the report's table as its message.
+    """
+
+    def __init__(self, report: object) -> None:
+        super().__init__(str(report))
+        self.report = report
+
+
 class PrecisionWarning(UserWarning):
     """A computation runs in a precision too coarse for a reliable answer.
 

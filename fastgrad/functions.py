@@ -1,16 +1,28 @@
 """Activations and losses of the chapter, under the book's names, on any backend.
 
-Each function checks its arguments once, picks the backend (see
-:mod:`fastgrad.backends`) and calls that backend's kernel. Losses return
-Python floats, as the book's do.
+Each function checks its arguments once (by the rules of
+:mod:`fastgrad._validation`: real, finite, a non-empty batch for the losses),
+picks the backend (see :mod:`fastgrad.backends`) and calls that backend's
+kernel. Losses return Python floats, as the book's do; float16 inputs are
+computed in float32, since the book's ``1e-7`` guard does not exist in float16.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastgrad._validation import as_batch_targets, as_float_array, check_no_nan
-from fastgrad.backends import BackendLike, resolve_backend
+import numpy as np
+
+from fastgrad._validation import (
+    as_batch_targets,
+    as_dtype,
+    as_float_array,
+    check_finite,
+    check_finite_result,
+    check_not_empty,
+    check_real,
+)
+from fastgrad.backends import Backend, BackendLike, resolve_backend
 
 __all__ = [
     "cross_entropy_error",
@@ -24,13 +36,24 @@ __all__ = [
 ]
 
 
-def _activation_input(x: Any, backend: BackendLike) -> tuple[Any, Any]:
+def _activation_input(x: Any, backend: BackendLike) -> tuple[Backend, Any]:
     chosen = resolve_backend(backend, x)
-    array = chosen.asarray(x)
+    try:
+        array = chosen.asarray(x)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"x must be an array of real numbers ({error})") from None
+    check_real(array, "x")
     if array.dtype.kind in "biu":
         # Activations make a new array, so promoting integers loses nothing.
         array = array.astype("float64")
+    check_finite(chosen, array, "x")
     return chosen, array
+
+
+def _loss_precision(array: Any) -> Any:
+    # float16 cannot hold the book's 1e-7 guard (log(0) = -inf) nor sums of a
+    # few thousand terms; a loss is returned as a Python float anyway.
+    return array.astype(np.float32) if array.dtype.itemsize < 4 else array
 
 
 def sigmoid(x: Any, *, backend: BackendLike = None) -> Any:
@@ -97,7 +120,12 @@ def softmax(x: Any, *, backend: BackendLike = None) -> Any:
     chosen, array = _activation_input(x, backend)
     if array.ndim == 0:
         raise ValueError("softmax needs at least one axis; got a scalar")
-    return chosen.softmax(array)
+    if array.shape[-1] == 0:
+        raise ValueError(f"x has shape {tuple(array.shape)}: a softmax needs at least one class")
+    # A row spanning more than the dtype's range makes x - max(x) overflow to
+    # -inf, whose exp is 0: the correctly rounded probability, not an error.
+    with np.errstate(over="ignore"):
+        return chosen.softmax(array)
 
 
 def mean_squared_error(y: Any, t: Any, *, backend: BackendLike = None) -> float:
@@ -112,14 +140,18 @@ def mean_squared_error(y: Any, t: Any, *, backend: BackendLike = None) -> float:
     0.0975
     """
     chosen = resolve_backend(backend, y, t)
-    Y = as_float_array(chosen, y, "y")
+    Y = _loss_precision(as_float_array(chosen, y, "y"))
     T = chosen.asarray(t)
+    check_real(T, "t")
     if T.shape != Y.shape:
         raise ValueError(f"y and t must have the same shape, got {Y.shape} and {T.shape}")
-    check_no_nan(chosen, Y, "y")
-    if T.dtype.kind == "f":
-        check_no_nan(chosen, T, "t")
-    return float(chosen.mean_squared_error(Y, T.astype(Y.dtype, copy=False)))
+    check_not_empty(Y, "y", "a loss")
+    check_finite(chosen, Y, "y")
+    check_finite(chosen, T, "t")
+    T = as_dtype(chosen, T, Y.dtype, "t")
+    with np.errstate(over="ignore", invalid="ignore"):
+        value = chosen.mean_squared_error(Y, T)
+    return check_finite_result(value, "mean_squared_error", Y.dtype)
 
 
 def cross_entropy_error(y: Any, t: Any, *, backend: BackendLike = None) -> float:
@@ -138,12 +170,13 @@ def cross_entropy_error(y: Any, t: Any, *, backend: BackendLike = None) -> float
     0.510825457
     """
     chosen = resolve_backend(backend, y, t)
-    Y = as_float_array(chosen, y, "y")
+    Y = _loss_precision(as_float_array(chosen, y, "y"))
     Y, T = as_batch_targets(chosen, Y, t)
-    check_no_nan(chosen, Y, "y")
     if bool((Y < 0).any()):
         raise ValueError("y holds negative values; cross_entropy_error expects probabilities")
-    return float(chosen.cross_entropy_error(Y, T))
+    with np.errstate(over="ignore", invalid="ignore"):
+        value = chosen.cross_entropy_error(Y, T)
+    return check_finite_result(value, "cross_entropy_error", Y.dtype)
 
 
 def softmax_cross_entropy(logits: Any, t: Any, *, backend: BackendLike = None) -> float:
@@ -159,7 +192,10 @@ def softmax_cross_entropy(logits: Any, t: Any, *, backend: BackendLike = None) -
     0.693147
     """
     chosen = resolve_backend(backend, logits, t)
-    Z = as_float_array(chosen, logits, "logits")
+    Z = _loss_precision(as_float_array(chosen, logits, "logits"))
     Z, T = as_batch_targets(chosen, Z, t, "logits")
-    check_no_nan(chosen, Z, "logits")
-    return float(chosen.softmax_cross_entropy(Z, T))
+    # Logits spanning more than the dtype's range overflow in the shift by the
+    # row maximum; the probability is then 0 and the result checked below.
+    with np.errstate(over="ignore", invalid="ignore"):
+        value = chosen.softmax_cross_entropy(Z, T)
+    return check_finite_result(value, "softmax_cross_entropy", Z.dtype)

@@ -209,10 +209,30 @@ def plot_history(history: TrainingHistory, path: PathLike = None) -> Figure:
     loss_axes, accuracy_axes = figure.subplots(1, 2)
     _draw_loss(loss_axes, history)
     _draw_accuracy(accuracy_axes, history)
-    config = history.config
-    if config:
-        figure.suptitle(
-            f"TwoLayerNet {config.get('layer_sizes')}, {config.get('backend')}, "
-            f"{config.get('dtype')}, lr {config.get('lr')}, batch {config.get('batch_size')}"
-        )
+    if history.config:
+        figure.suptitle(_run_title(history.config))
     return _finish(figure, path)
+
+
+def _run_title(config: dict[str, Any]) -> str:
+    """``MultiLayerNet 784-100-100-10 relu, numpy, float64, lr 0.1, batch 100``, from what is known.
+
+    Histories record the network by its sizes and activation (any MultiLayerNet);
+    older ones lack the activation and the class, and get what they have.
+    """
+    sizes = config.get("layer_sizes")
+    network = " ".join(
+        str(part)
+        for part in (
+            config.get("model", "network"),
+            "-".join(map(str, sizes)) if isinstance(sizes, list) else sizes,
+            config.get("activation"),
+        )
+        if part is not None
+    )
+    if config.get("weight_decay_lambda"):
+        network += f", weight decay {config['weight_decay_lambda']:g}"
+    return (
+        f"{network}, {config.get('backend')}, {config.get('dtype')}, lr {config.get('lr')}, "
+        f"batch {config.get('batch_size')}"
+    )

@@ -3,9 +3,27 @@
 The loop is the book's (random mini-batches, a batch loss per iteration,
 train and test accuracy on the whole sets every epoch), but the Python side
 only draws each epoch's batch indices on the host and hands them to
-``backend.two_layer_sgd_steps``, so a compiled or GPU backend runs the steps
-without coming back to Python. The same seed on the same backend gives the
+``net.sgd_steps``, so a compiled or GPU backend runs the steps without coming
+back to Python where it has a fused kernel for the net. Any ``MultiLayerNet``
+trains here. The same seed on the same backend gives the
 same numbers.
+
+Divergence: with ``start = max(first_loss, DIVERGENCE_FLOOR)``, where
+``first_loss`` is the run's first batch loss, measured before any update
+(about ``ln 10 = 2.3`` for an untrained MNIST net), a run stops with
+:class:`TrainingDivergedError`
+
+* at the first iteration whose batch loss is NaN or infinite, or greater
+  than ``DIVERGENCE_FACTOR * start`` (100 times): the explosion of a
+  learning rate far too large, within a few iterations;
+* at the end of an epoch (or of the run) whose median batch loss is greater
+  than ``SUSTAINED_DIVERGENCE_FACTOR * start`` (4 times): a net that a
+  learning rate too large has saturated, confidently wrong, at chance
+  accuracy.
+
+A converging run, even a noisy one, comes near neither. The floor of 1 nat
+keeps a net that starts nearly trained (first loss 0.01) from being stopped
+by a few hard batches.
 """
 
 from __future__ import annotations
@@ -22,14 +40,17 @@ from typing import Any
 
 import numpy as np
 
+from fastgrad._validation import check_finite
 from fastgrad.backends import Backend
-from fastgrad.backends._base import PARAM_NAMES
 from fastgrad.errors import SlowPathWarning
-from fastgrad.models import TwoLayerNet
+from fastgrad.models import MultiLayerNet
 
 __all__ = [
+    "DIVERGENCE_FACTOR",
+    "DIVERGENCE_FLOOR",
     "GRADIENT_METHODS",
     "SAMPLING_METHODS",
+    "SUSTAINED_DIVERGENCE_FACTOR",
     "EpochRecord",
     "TrainingDivergedError",
     "TrainingHistory",
@@ -47,15 +68,31 @@ _STEPS_PER_CALL = {"backprop": None, "numerical": 10, "numerical-naive": 1}
 _FORMAT = "fastgrad.TrainingHistory"
 _FORMAT_VERSION = 1
 
+#: A batch loss above ``DIVERGENCE_FACTOR * max(first loss, DIVERGENCE_FLOOR)`` is divergence.
+DIVERGENCE_FACTOR = 100.0
+#: An epoch whose median batch loss is above this multiple of the same start is divergence.
+SUSTAINED_DIVERGENCE_FACTOR = 4.0
+DIVERGENCE_FLOOR = 1.0
+
 Dataset = tuple[tuple[Any, Any], tuple[Any, Any]]
 
 
 class TrainingDivergedError(ArithmeticError):
-    """The loss became NaN or infinite; :attr:`history` holds the run up to that point."""
+    """The run diverged (see the module docstring for the rule).
 
-    def __init__(self, message: str, history: TrainingHistory) -> None:
+    :attr:`iteration` (1-based) is the iteration that exploded, or the last
+    of an epoch whose median loss was too high; None when only the
+    parameters at the end were non-finite. :attr:`history` holds the batch
+    losses before an exploded iteration, or up to the end of such an epoch.
+    The net's parameters are left as the failed steps made them.
+    """
+
+    def __init__(
+        self, message: str, history: TrainingHistory, iteration: int | None = None
+    ) -> None:
         super().__init__(message)
         self.history = history
+        self.iteration = iteration
 
 
 @dataclass(frozen=True)
@@ -171,7 +208,7 @@ class TrainingHistory:
 
 
 def train(
-    net: TwoLayerNet,
+    net: MultiLayerNet,
     data: Dataset,
     *,
     iters: int = 10_000,
@@ -219,7 +256,12 @@ def train(
     Raises
     ------
     TrainingDivergedError
-        A batch loss or a parameter became NaN or infinite.
+        A batch loss became NaN, infinite or more than ``DIVERGENCE_FACTOR``
+        times the first (see the module docstring), or a parameter non-finite.
+    ValueError
+        A setting is out of range, the data holds NaN or infinities (named
+        ``x_train``, ``t_train``, ``x_test`` or ``t_test``) or is empty, or the
+        net's parameters are not finite before training.
 
     Examples
     --------
@@ -246,13 +288,22 @@ def train(
     (x_train, t_train), (x_test, t_test) = (
         tuple(_to_backend(backend, array) for array in split) for split in data
     )
-    X_train, labels_train = net.prepare(x_train, t_train)
-    X_test, labels_test = net.prepare(x_test, t_test)
+    X_train, labels_train = net.prepare(x_train, t_train, names=("x_train", "t_train"))
+    X_test, labels_test = net.prepare(x_test, t_test, names=("x_test", "t_test"))
+    for name, array in net.params.items():
+        check_finite(
+            backend,
+            array,
+            f"net.params[{name!r}]",
+            "the net must start from finite parameters (was it loaded from a diverged run?)",
+        )
     train_size = int(X_train.shape[0])
     iters_per_epoch = max(train_size // batch_size, 1)
     history = TrainingHistory(
         config={
-            "layer_sizes": [net.input_size, net.hidden_size, net.output_size],
+            "layer_sizes": net.layer_sizes,
+            "activation": net.activation,
+            "weight_decay_lambda": net.weight_decay_lambda,
             "dtype": net.dtype.name,
             "backend": backend.name,
             "iters": iters,
@@ -273,8 +324,8 @@ def train(
         )
 
     def evaluate(iteration: int) -> None:
-        train_acc = float(backend.two_layer_accuracy(net.params, X_train, labels_train))
-        test_acc = float(backend.two_layer_accuracy(net.params, X_test, labels_test))
+        train_acc = float(net.prepared_accuracy(X_train, labels_train))
+        test_acc = float(net.prepared_accuracy(X_test, labels_test))
         epoch = round(iteration / iters_per_epoch, 6)
         history.epochs.append(EpochRecord(epoch, iteration, train_acc, test_acc))
 
@@ -290,7 +341,7 @@ def train(
     steps_per_call = _STEPS_PER_CALL[gradient] or iters_per_epoch
     # Made once: the Numba backend lists the non-zeros of the whole set here
     # instead of in every call below (one per epoch).
-    step_inputs = backend.training_inputs(X_train) if gradient == "backprop" else X_train
+    step_inputs = net.training_inputs(X_train) if gradient == "backprop" else X_train
     done = 0
     while done < iters:
         # Drawn a whole epoch at a time, so chunking never changes the batches.
@@ -302,10 +353,11 @@ def train(
             with backend.single_threaded_blas():
                 losses = _run_steps(net, step_inputs, labels_train, indices, lr, gradient)
             history.gradient_time += time.perf_counter() - step_started
-            _check_finite(losses, done, lr, history)
+            _check_losses(losses, done, lr, history)
             history.losses.extend(losses.tolist())
             done += len(losses)
             report()
+        _check_epoch(history, epoch_steps, lr)
         if eval_every_epoch and done % iters_per_epoch == 0:
             evaluate(done)
             report()
@@ -352,40 +404,75 @@ def _draw_epoch(
 
 
 def _run_steps(
-    net: TwoLayerNet, X: Any, labels: Any, indices: np.ndarray, lr: float, gradient: str
+    net: MultiLayerNet, X: Any, labels: Any, indices: np.ndarray, lr: float, gradient: str
 ) -> np.ndarray:
     """Run ``len(indices)`` SGD steps on the backend; the batch losses, on the host."""
     backend = net.backend
     if gradient != "numerical-naive":
-        losses = backend.two_layer_sgd_steps(
-            net.params, X, labels, backend.asarray(indices), lr, gradient
-        )
+        losses = net.sgd_steps(X, labels, backend.asarray(indices), lr, gradient)
         return backend.to_numpy(losses).astype(np.float64, copy=False)
     host_losses = np.empty(len(indices))
     for step, rows in enumerate(indices):
         X_batch, labels_batch = X[backend.asarray(rows)], labels[backend.asarray(rows)]
-        host_losses[step] = float(backend.two_layer_loss(net.params, X_batch, labels_batch))
+        host_losses[step] = float(net.prepared_loss(X_batch, labels_batch))
         grads = net.numerical_gradient_float64(X_batch, labels_batch, "naive")
-        for name in PARAM_NAMES:
-            net.params[name] -= (lr * grads[name]).astype(net.dtype, copy=False)
+        names = list(net.params)
+        backend.sgd_update([net.params[n] for n in names], [grads[n] for n in names], lr)
     return host_losses
 
 
-def _check_finite(losses: np.ndarray, done: int, lr: float, history: TrainingHistory) -> None:
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if bad.size:
-        step = int(bad[0])
-        history.losses.extend(losses[:step].tolist())
+def _check_losses(losses: np.ndarray, done: int, lr: float, history: TrainingHistory) -> None:
+    """Raise at the first diverged loss of ``losses`` (iterations ``done + 1, ...``)."""
+    if not len(losses):
+        return
+    first = history.losses[0] if history.losses else float(losses[0])
+    limit = DIVERGENCE_FACTOR * max(first, DIVERGENCE_FLOOR)
+    with np.errstate(invalid="ignore"):
+        diverged = ~np.isfinite(losses) | (losses > limit)
+    bad = np.flatnonzero(diverged)
+    if not bad.size:
+        return
+    step = int(bad[0])
+    history.losses.extend(losses[:step].tolist())
+    iteration = done + step + 1
+    loss = float(losses[step])
+    why = (
+        f"is {loss}"
+        if not math.isfinite(loss)
+        else f"is {loss:.4g}, more than {DIVERGENCE_FACTOR:g} times the run's first loss "
+        f"{first:.4g} (or than {DIVERGENCE_FACTOR * DIVERGENCE_FLOOR:g}, whichever is larger)"
+    )
+    raise TrainingDivergedError(
+        f"training diverged: the batch loss of iteration {iteration} {why}; try a smaller "
+        f"learning rate than {lr}",
+        history,
+        iteration,
+    )
+
+
+def _check_epoch(history: TrainingHistory, steps: int, lr: float) -> None:
+    """Raise when the median loss of the last ``steps`` iterations shows sustained divergence."""
+    losses = history.losses
+    if not losses or steps < 1:
+        return
+    start = max(losses[0], DIVERGENCE_FLOOR)
+    median = float(np.median(losses[-steps:]))
+    if median > SUSTAINED_DIVERGENCE_FACTOR * start:
+        done = len(losses)
+        floor = SUSTAINED_DIVERGENCE_FACTOR * DIVERGENCE_FLOOR
         raise TrainingDivergedError(
-            f"training diverged: the batch loss of iteration {done + step + 1} is "
-            f"{losses[step]}; try a smaller learning rate than {lr}",
+            f"training diverged: the median batch loss of iterations {done - steps + 1}.."
+            f"{done} is {median:.4g}, more than {SUSTAINED_DIVERGENCE_FACTOR:g} times the run's "
+            f"first loss {losses[0]:.4g} (or than {floor:g}, whichever is larger); try a "
+            f"smaller learning rate than {lr}",
             history,
+            done,
         )
 
 
-def _check_parameters(net: TwoLayerNet, lr: float, history: TrainingHistory) -> None:
+def _check_parameters(net: MultiLayerNet, lr: float, history: TrainingHistory) -> None:
     xp = net.backend.xp
-    if not all(bool(xp.isfinite(net.params[name]).all()) for name in PARAM_NAMES):
+    if not all(bool(xp.isfinite(array).all()) for array in net.params.values()):
         raise TrainingDivergedError(
             f"training diverged: the parameters hold NaN or infinite values after "
             f"{len(history.losses)} iterations; try a smaller learning rate than {lr}",

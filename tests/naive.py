@@ -1,13 +1,16 @@
 """Slow, obviously-correct loop versions of the kernels: the tests' oracles.
 
 Written with Python loops and ``math`` so that they share no code (and no
-bugs) with any backend.
+bugs) with any backend. Networks come as plain sequences of NumPy arrays
+(``weights[l]`` of shape ``(fan_in, fan_out)``, ``biases[l]`` of shape
+``(fan_out,)``), never as a backend's own structures.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -33,10 +36,67 @@ def log_softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     return total / len(labels)
 
 
-def two_layer_loss(params: dict[str, np.ndarray], X: np.ndarray, labels: np.ndarray) -> float:
-    W1, b1, W2, b2 = (np.asarray(params[k], dtype=np.float64) for k in ("W1", "b1", "W2", "b2"))
-    hidden = 1.0 / (1.0 + np.exp(-(np.asarray(X, dtype=np.float64) @ W1 + b1)))
-    return log_softmax_cross_entropy(hidden @ W2 + b2, labels)
+def _sigmoid(a: float) -> float:
+    # Two branches so that math.exp never overflows (it raises, unlike np.exp).
+    if a >= 0:
+        return 1.0 / (1.0 + math.exp(-a))
+    e = math.exp(a)
+    return e / (1.0 + e)
+
+
+ACTIVATIONS: dict[str, Callable[[float], float]] = {
+    "sigmoid": _sigmoid,
+    "relu": lambda a: a if a > 0 else 0.0,
+    "tanh": math.tanh,
+    "identity": lambda a: a,
+}
+
+
+def multilayer_logits(
+    weights: Sequence[np.ndarray],
+    biases: Sequence[np.ndarray],
+    X: np.ndarray,
+    activation: str,
+) -> list[list[float]]:
+    """``A_L`` of every sample, one multiply-add at a time."""
+    act = ACTIVATIONS[activation]
+    # Each unit's incoming weights as one list (a column of W), so that a
+    # pre-activation is one exactly rounded sum of products.
+    layers = [
+        (np.asarray(W, dtype=np.float64).T.tolist(), np.asarray(b, dtype=np.float64).tolist())
+        for W, b in zip(weights, biases, strict=True)
+    ]
+    logits = []
+    for sample in np.asarray(X, dtype=np.float64).tolist():
+        values = sample
+        for depth, (columns, b) in enumerate(layers, start=1):
+            pre = [
+                math.fsum([*map(operator.mul, values, column), bias])
+                for column, bias in zip(columns, b, strict=True)
+            ]
+            values = pre if depth == len(layers) else [act(a) for a in pre]
+        logits.append(values)
+    return logits
+
+
+def multilayer_loss(
+    weights: Sequence[np.ndarray],
+    biases: Sequence[np.ndarray],
+    X: np.ndarray,
+    labels: np.ndarray,
+    activation: str,
+    weight_decay: float = 0.0,
+) -> float:
+    """Mean softmax cross-entropy of a multilayer net plus ``0.5 * λ * sum(W**2)``."""
+    total = 0.0
+    logits = multilayer_logits(weights, biases, X, activation)
+    for row, label in zip(logits, np.asarray(labels).tolist(), strict=True):
+        top = max(row)
+        total += top + math.log(math.fsum(math.exp(v - top) for v in row)) - row[int(label)]
+    penalty = math.fsum(
+        float(w) * float(w) for W in weights for w in np.asarray(W, dtype=np.float64).ravel()
+    )
+    return total / len(logits) + 0.5 * weight_decay * penalty
 
 
 def numerical_gradient(
@@ -55,11 +115,23 @@ def numerical_gradient(
     return grad
 
 
-def two_layer_numerical_gradient(
-    params: dict[str, np.ndarray], X: np.ndarray, labels: np.ndarray, h: float = 1e-4
-) -> dict[str, np.ndarray]:
-    copies = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
-    return {
-        name: numerical_gradient(lambda _: two_layer_loss(copies, X, labels), copies[name], h)
-        for name in ("W1", "b1", "W2", "b2")
-    }
+def multilayer_numerical_gradient(
+    weights: Sequence[np.ndarray],
+    biases: Sequence[np.ndarray],
+    X: np.ndarray,
+    labels: np.ndarray,
+    activation: str,
+    weight_decay: float = 0.0,
+    h: float = 1e-4,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The book's loop over :func:`multilayer_loss`: ``(dW, db)`` of every layer, float64."""
+    weights64 = [np.array(W, dtype=np.float64) for W in weights]
+    biases64 = [np.array(b, dtype=np.float64) for b in biases]
+
+    def loss(_: np.ndarray) -> float:
+        return multilayer_loss(weights64, biases64, X, labels, activation, weight_decay)
+
+    return [
+        (numerical_gradient(loss, W, h), numerical_gradient(loss, b, h))
+        for W, b in zip(weights64, biases64, strict=True)
+    ]

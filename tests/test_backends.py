@@ -85,16 +85,13 @@ def test_use_backend_is_thread_local(monkeypatch):
     sentinel = types.SimpleNamespace(name="sentinel")
     monkeypatch.setitem(backends._instances, "sentinel", sentinel)
     monkeypatch.setitem(backends._SPECS, "sentinel", backends._SPECS["numpy"])
-    token = backends._context_choice.set("sentinel")
-    try:
+    with fastgrad.use_backend("sentinel"):
         worker = threading.Thread(
             target=lambda: seen.setdefault("other", fastgrad.get_backend().name)
         )
         worker.start()
         worker.join()
         assert fastgrad.get_backend() is sentinel
-    finally:
-        backends._context_choice.reset(token)
     assert seen["other"] == "numpy"
 
 
@@ -159,3 +156,25 @@ def test_describe_reports_facts():
     facts = fastgrad.get_backend("numpy").describe()
     assert facts["array library"].startswith("numpy ")
     assert "blas" in facts
+
+
+def test_backend_packages_and_their_modules():
+    import importlib.util
+
+    for gone in ("numba_", "_numba_kernels", "_numba_math", "cupy_", "_cupy_kernels"):
+        assert importlib.util.find_spec(f"fastgrad.backends.{gone}") is None, gone
+    # The CuPy kernels' sources load without CuPy (they also run under a simulator).
+    importlib.import_module("fastgrad.backends.cupy.kernels")
+    if unavailable_reason("numba") is None:
+        numba_backend = fastgrad.get_backend("numba")
+        assert type(numba_backend).__module__ == "fastgrad.backends.numba"
+        for name in (
+            "chapter",
+            "primitives",
+            "numerical",
+            "threads",
+            "sync",
+            "simd",
+            "vector_math",
+        ):
+            importlib.import_module(f"fastgrad.backends.numba.{name}")

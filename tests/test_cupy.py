@@ -1,14 +1,16 @@
 """The CuPy backend, tested as far as a machine without a GPU allows, and on one.
 
-Without a GPU (CI): every CUDA source is compiled by ``nvcc`` (when it is on
-the PATH); each raw kernel's index arithmetic runs on CPU through its NumPy
-transliteration in ``tests/cupy_emulation.py``, on grids smaller than the
-problem; the backend's own code runs on NumPy arrays, once through ``xp``
-alone and once with the emulated kernels in place of the compiled ones; and
-the three errors (CuPy missing, no device, mixed arrays) are raised with fake
-``cupy`` modules. With a GPU: the tests marked ``gpu`` run the real kernels
-(and the shared conformance suite covers the rest through the ``backend``
-fixture).
+Without a GPU (CI): every CUDA C source (the elementwise kernels) is compiled
+by ``nvcc`` when it is on the PATH; the backend's own code runs on NumPy
+arrays through ``xp`` alone, under the models (``TwoLayerNet``,
+``MultiLayerNet``) and against the NumPy reference and the loops of
+``tests/naive.py``; and the errors (CuPy missing, no device, numba-cuda
+missing, mixed arrays) are raised with fake modules. The numba.cuda kernels'
+own source runs under Numba's CUDA simulator in ``tests/cuda_kernels/``
+(started by ``tests/test_cuda_simulator.py``), which also reruns the host
+tests here with those kernels launched. With a GPU: the tests marked ``gpu``
+run the real kernels on CuPy arrays (and the shared conformance suite covers
+the rest through the ``backend`` fixture).
 """
 
 from __future__ import annotations
@@ -16,26 +18,29 @@ from __future__ import annotations
 import doctest
 import importlib
 import importlib.machinery
+import itertools
 import re
 import shutil
 import subprocess
 import sys
 import types
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
 import fastgrad
 from fastgrad import BackendUnavailableError
-from fastgrad.backends import _cupy_kernels, backend_of, resolve_backend, unavailable_reason
-from fastgrad.backends._base import PARAM_NAMES, Backend
-from fastgrad.backends.cupy_ import CupyBackend
+from fastgrad.backends import backend_of, resolve_backend, unavailable_reason
+from fastgrad.backends._base import ACTIVATIONS, Backend, Network
+from fastgrad.backends.cupy import CupyBackend, kernels
 from fastgrad.backends.numpy_ import NumpyBackend
-from tests import cupy_emulation, naive
+from tests import naive
 from tests.conftest import backend_or_skip
 
 REFERENCE = NumpyBackend()
 FLOATS = [np.float32, np.float64]
+CHAPTER_NAMES = ("W1", "b1", "W2", "b2")
 
 
 def close(dtype: type) -> dict[str, float]:
@@ -51,16 +56,83 @@ def sparse_inputs(rng: np.random.Generator, rows: int, inputs: int, zeros: float
 
 
 def random_params(
-    rng: np.random.Generator, inputs: int, hidden: int, classes: int, dtype: type = np.float64
+    rng: np.random.Generator, sizes: Sequence[int], dtype: type = np.float64
 ) -> dict[str, np.ndarray]:
-    # Weights large enough that the softmax is far from uniform and every
-    # term of the numerical gradient matters.
-    return {
-        "W1": (0.5 * rng.standard_normal((inputs, hidden))).astype(dtype),
-        "b1": (0.1 * rng.standard_normal(hidden)).astype(dtype),
-        "W2": (0.5 * rng.standard_normal((hidden, classes))).astype(dtype),
-        "b2": (0.1 * rng.standard_normal(classes)).astype(dtype),
-    }
+    """``W1, b1, ..., WL, bL`` for layer widths ``sizes``, as host arrays.
+
+    Weights large enough that the softmax is far from uniform and every term
+    of the numerical gradient matters.
+    """
+    params = {}
+    for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes), start=1):
+        params[f"W{layer}"] = (0.5 * rng.standard_normal((fan_in, fan_out))).astype(dtype)
+        params[f"b{layer}"] = (0.1 * rng.standard_normal(fan_out)).astype(dtype)
+    return params
+
+
+def network_of(
+    params: dict[str, object], activation: str = "sigmoid", weight_decay: float = 0.0
+) -> Network:
+    """``params`` (``W1, b1, ...``) as the kernels take them: the same arrays, no copies."""
+    depth = len(params) // 2
+    return Network(
+        weights=tuple(params[f"W{layer}"] for layer in range(1, depth + 1)),
+        biases=tuple(params[f"b{layer}"] for layer in range(1, depth + 1)),
+        activation=activation,
+        weight_decay=weight_decay,
+    )
+
+
+def by_name(pairs: Sequence[tuple[object, object]]) -> dict[str, object]:
+    """``[(dW1, db1), ...]`` as ``{"W1": dW1, "b1": db1, ...}``."""
+    grads = {}
+    for layer, (dW, db) in enumerate(pairs, start=1):
+        grads[f"W{layer}"], grads[f"b{layer}"] = dW, db
+    return grads
+
+
+def naive_numerical_gradient(params, X, labels, activation="sigmoid", weight_decay=0.0, h=1e-4):
+    network = network_of(params)
+    return by_name(
+        naive.multilayer_numerical_gradient(
+            network.weights, network.biases, X, labels, activation, weight_decay, h
+        )
+    )
+
+
+def net_on(
+    backend: Backend, params: dict[str, np.ndarray], activation="sigmoid", weight_decay=0.0
+) -> fastgrad.MultiLayerNet:
+    """A model on ``backend`` holding copies of ``params`` (in their memory layout).
+
+    The chapter's net is a ``TwoLayerNet``, any other a ``MultiLayerNet``.
+    """
+    weights = network_of(params).weights
+    sizes = [weights[0].shape[0], *(W.shape[1] for W in weights)]
+    dtype = params["W1"].dtype
+    if len(weights) == 2 and activation == "sigmoid" and not weight_decay:
+        net: fastgrad.MultiLayerNet = fastgrad.TwoLayerNet(*sizes, dtype=dtype, backend=backend)
+    else:
+        net = fastgrad.MultiLayerNet(
+            sizes[0],
+            sizes[1:-1],
+            sizes[-1],
+            activation=activation,
+            weight_decay_lambda=weight_decay,
+            dtype=dtype,
+            backend=backend,
+        )
+    net.params.update({k: backend.asarray(v.copy(order="K")) for k, v in params.items()})
+    return net
+
+
+def assert_params_close(net, expected_net, dtype) -> None:
+    assert set(net.params) == set(expected_net.params)
+    for name, array in net.params.items():
+        assert array.dtype == dtype, name
+        np.testing.assert_allclose(
+            net.backend.to_numpy(array), expected_net.params[name], **close(dtype), err_msg=name
+        )
 
 
 # ===================================================================== 1. nvcc
@@ -82,9 +154,9 @@ def nvcc_arch() -> str:
     return _nvcc_arch()
 
 
-@pytest.mark.parametrize("name", sorted(_cupy_kernels.cuda_sources()))
+@pytest.mark.parametrize("name", sorted(kernels.cuda_sources()))
 def test_cuda_source_compiles_with_nvcc(name, nvcc_arch, tmp_path):
-    source = _cupy_kernels.cuda_sources()[name]
+    source = kernels.cuda_sources()[name]
     path = tmp_path / f"{name}.cu"
     path.write_text(source)
     cubin = tmp_path / f"{name}.cubin"
@@ -95,185 +167,44 @@ def test_cuda_source_compiles_with_nvcc(name, nvcc_arch, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed on {name}:\n{result.stderr}"
     # Every kernel the backend launches was compiled, not merely parsed.
-    binary = cubin.read_bytes()
-    if name in _cupy_kernels.RAW_KERNELS:
-        kernel_names = {e.split("<")[0] for e in _cupy_kernels.RAW_KERNELS[name].instantiations}
-    else:
-        kernel_names = {f"fg_elementwise_{name}"}
-    for kernel in kernel_names:
-        assert kernel.encode() in binary, f"{kernel} missing from the compiled {name}"
+    kernel = f"fg_elementwise_{name}"
+    assert kernel.encode() in cubin.read_bytes(), f"{kernel} missing from the compiled {name}"
 
 
-def test_every_kernel_has_a_source_and_a_cpu_emulator():
-    sources = _cupy_kernels.cuda_sources()
-    assert set(sources) == set(_cupy_kernels.RAW_KERNELS) | set(_cupy_kernels.ELEMENTWISE_KERNELS)
-    assert set(cupy_emulation.RAW_EMULATORS) == set(_cupy_kernels.RAW_KERNELS)
-    for spec in _cupy_kernels.RAW_KERNELS.values():
-        assert "#include" not in spec.source, "NVRTC has no host headers"
+def test_every_elementwise_kernel_has_a_source():
+    sources = kernels.cuda_sources()
+    assert set(sources) == set(kernels.ELEMENTWISE_KERNELS)
+    for name, source in sources.items():
+        assert "#include" not in source, f"{name}: NVRTC has no host headers"
 
 
 def test_kernel_module_examples():
-    result = doctest.testmod(_cupy_kernels, optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(kernels, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
 
 
-def test_kernel_modules_import_without_cupy():
+def test_kernel_modules_import_without_cupy_or_numba():
+    # numba.cuda is imported by the first custom kernel, not by the backend's module.
     code = (
-        "import sys, fastgrad, fastgrad.backends.cupy_, fastgrad.backends._cupy_kernels as k; "
-        "k.cuda_sources(); sys.exit('cupy' in sys.modules)"
+        "import sys, fastgrad, fastgrad.backends.cupy, fastgrad.backends.cupy.kernels as k; "
+        "k.cuda_sources(); heavy = [m for m in ('cupy', 'numba') if m in sys.modules]; "
+        "print(heavy); sys.exit(int(bool(heavy)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_grid_size_is_capped_and_positive():
-    assert _cupy_kernels.grid_size(1, 256) == 1
-    assert _cupy_kernels.grid_size(257, 256) == 2
-    assert _cupy_kernels.grid_size(10**12, 1) == _cupy_kernels.MAX_GRID
-
-
-# ========================================== 2. the kernels' index arithmetic, on CPU
-def _launch(name: str, grid: int, block: tuple[int, ...], args: tuple, shared_mem: int = 0) -> None:
-    cupy_emulation.RawKernel(cupy_emulation.RAW_EMULATORS[name])((grid,), block, args, shared_mem)
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("grid,block", [(2, 64), (1, 32), (50, 256)], ids=str)
-def test_softmax_xent_rows_indexing(dtype, with_bias, grid, block):
-    # 37 rows over 4 warps (grid-stride over rows); 70 columns over 32 lanes
-    # (three passes, the last one partial).
-    rng = np.random.default_rng(1)
-    rows, cols = 37, 70
-    logits = (3 * rng.standard_normal((rows, cols))).astype(dtype)
-    bias = (rng.standard_normal(cols)).astype(dtype) if with_bias else None
-    labels = rng.integers(0, cols, rows).astype(np.int64)
-    row_loss = np.full(rows, np.nan)
-    dlogits = np.full_like(logits, np.nan)
-    args = (logits, bias, labels, rows, cols, row_loss, dlogits, float(rows))
-    _launch("softmax_xent_rows", grid, (block,), args)
-    shifted = logits + bias if with_bias else logits
-    loss, expected = REFERENCE.softmax_cross_entropy_with_grad(shifted.astype(dtype), labels)
-    np.testing.assert_allclose(row_loss.mean(), loss, **close(dtype))
-    np.testing.assert_allclose(dlogits, expected, **close(dtype))
-    # Forward only: a null dlogits pointer.
-    forward_loss = np.full(rows, np.nan)
-    _launch("softmax_xent_rows", grid, (block,), (*args[:5], forward_loss, None, 1.0))
-    np.testing.assert_array_equal(forward_loss, row_loss)
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("grid,block", [(2, 8), (1, 1), (64, 256)], ids=str)
-def test_sgd_update_two_layer_indexing(dtype, grid, block):
-    # 7*5 + 5 + 5*3 + 3 = 58 elements over 16 threads: four grid-stride rounds,
-    # each crossing from one parameter's segment into the next.
-    rng = np.random.default_rng(2)
-    params = random_params(rng, 7, 5, 3, dtype)
-    grad_W1, grad_W2 = (rng.standard_normal(params[n].shape).astype(dtype) for n in ("W1", "W2"))
-    grad_hidden = rng.standard_normal((4, 5)).astype(dtype)
-    grad_logits = rng.standard_normal((4, 3)).astype(dtype)
-    lr = 0.1
-    expected = {
-        "W1": params["W1"] - dtype(lr) * grad_W1,
-        "b1": params["b1"] - dtype(lr) * grad_hidden.sum(axis=0),
-        "W2": params["W2"] - dtype(lr) * grad_W2,
-        "b2": params["b2"] - dtype(lr) * grad_logits.sum(axis=0),
-    }
-    W1, b1, W2, b2 = (params[n] for n in PARAM_NAMES)
-    args = (
-        W1, grad_W1, W1.size, b1, grad_hidden, b1.size,
-        W2, grad_W2, W2.size, b2, grad_logits, b2.size, 4, lr,
-    )  # fmt: skip
-    _launch("sgd_update_two_layer", grid, (block,), args)
-    for name in PARAM_NAMES:
-        np.testing.assert_allclose(params[name], expected[name], **close(dtype))
-
-
-@pytest.fixture(scope="module")
-def small_problem():
-    """A net and batch whose numerical gradient crosses every tile boundary.
-
-    12 inputs (+ the bias row) over 5 blocks; 40 hidden units over 32-wide
-    tiles (one full, one partial); 70 samples over 32 or 64 threads; 7 classes;
-    60 % zero inputs (the skip path), and the naive loop's answer to compare.
-    """
-    rng = np.random.default_rng(3)
-    params = random_params(rng, 12, 40, 7)
-    X = sparse_inputs(rng, 70, 12, zeros=0.6)
-    labels = rng.integers(0, 7, 70).astype(np.int64)
-    reference = REFERENCE.two_layer_numerical_gradient(params, X, labels, 1e-4)
-    oracle = naive.two_layer_numerical_gradient(params, X, labels, 1e-4)
-    pre = X @ params["W1"] + params["b1"]
-    hidden = REFERENCE.sigmoid(pre)
-    probs = REFERENCE.softmax(hidden @ params["W2"] + params["b2"])
-    return types.SimpleNamespace(
-        params=params, X=X, labels=labels, reference=reference, oracle=oracle,
-        pre=pre, hidden=hidden, probs=probs,
-    )  # fmt: skip
-
-
-@pytest.mark.parametrize("grid,block", [(5, 32), (3, 64), (1000, 128)], ids=str)
-def test_numgrad_output_layer_indexing(small_problem, grid, block):
-    p = small_problem
-    hidden_size, classes = p.params["W2"].shape
-    rows = p.X.shape[0]
-    h = 1e-4
-    grad = np.full((hidden_size + 1, classes), np.nan)
-    args = (
-        p.hidden, p.probs, p.labels, rows, hidden_size, classes, h, 1 / (2 * h * rows), grad,
-    )  # fmt: skip
-    _launch("numgrad_output_layer", grid, (block,), args, shared_mem=(block // 32) * 8)
-    np.testing.assert_allclose(grad[:hidden_size], p.reference["W2"], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(grad[hidden_size], p.reference["b2"], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(grad[:hidden_size], p.oracle["W2"], rtol=0, atol=1e-9)
-    np.testing.assert_allclose(grad[hidden_size], p.oracle["b2"], rtol=0, atol=1e-9)
-
-
-@pytest.mark.parametrize("grid,block", [(5, (32, 4)), (2, (32, 8)), (100, (16, 3))], ids=str)
-def test_numgrad_hidden_layer_indexing(small_problem, grid, block):
-    p = small_problem
-    rows, inputs = p.X.shape
-    hidden_size, classes = p.params["W2"].shape
-    h = 1e-4
-    grad = np.full((inputs + 1, hidden_size), np.nan)
-    args = (
-        p.X, p.pre, p.hidden, p.probs, p.params["W2"], p.labels,
-        rows, inputs, hidden_size, classes, h, 1 / (2 * h * rows), grad,
-    )  # fmt: skip
-    _launch("numgrad_hidden_layer", grid, block, args, shared_mem=block[0] * block[1] * 8)
-    np.testing.assert_allclose(grad[:inputs], p.reference["W1"], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(grad[inputs], p.reference["b1"], rtol=0, atol=1e-12)
-    np.testing.assert_allclose(grad[:inputs], p.oracle["W1"], rtol=0, atol=1e-9)
-    np.testing.assert_allclose(grad[inputs], p.oracle["b1"], rtol=0, atol=1e-9)
-
-
-def test_emulated_reductions_match_a_plain_sum():
-    values = np.random.default_rng(4).standard_normal(256)
-    assert cupy_emulation.block_sum(values, 8) == pytest.approx(values.sum(), abs=1e-12)
-    lanes = values[:32]
-    assert (cupy_emulation.warp_sum(lanes) == cupy_emulation.warp_sum(lanes)[0]).all()
-    assert (cupy_emulation.warp_max(lanes) == lanes.max()).all()
-
-
-def test_perturbed_stack_indexing():
-    flat = np.arange(5.0)
-    stack = np.empty((3, 5))
-    cupy_emulation._perturbed_stack(flat, 5, 1, 0.5, stack)
-    expected = np.tile(flat, (3, 1))
-    expected[[0, 1, 2], [1, 2, 3]] += 0.5
-    np.testing.assert_array_equal(stack, expected)
 
 
 # ============================ 3. the backend's own code on CPU, with NumPy as xp
 class HostCupyBackend(CupyBackend):
     """The CuPy backend with NumPy as its namespace and no custom kernels.
 
-    Only the device hooks (moving data, device memory, sync) are replaced;
-    every other line of ``CupyBackend`` runs as written, so anything it does
-    outside ``xp`` (a CuPy-only call) fails here.
+    Only the device hooks (moving data, device memory, sync, the kernels'
+    stream) are replaced; every other line of ``CupyBackend`` runs as
+    written, so anything it does outside ``xp`` (a CuPy-only call) fails here.
     """
 
     custom_kernels = False
+    elementwise_kernels = False
 
     def __init__(self) -> None:
         Backend.__init__(self, np)
@@ -290,29 +221,39 @@ class HostCupyBackend(CupyBackend):
     def _free_device_bytes(self) -> int:
         return 64 * 2**10  # small, so the black-box gradient runs in several chunks
 
-
-class EmulatedCupyBackend(HostCupyBackend):
-    """The CuPy backend's fused code path, with the CPU emulators as its kernels."""
-
-    custom_kernels = True
+    def _kernel_stream(self) -> int:
+        return 0  # the default stream: all the simulator has
 
 
 @pytest.fixture
-def emulated(monkeypatch):
-    kernels = cupy_emulation.EmulatedKernels()
-    monkeypatch.setattr(_cupy_kernels, "raw_kernel", kernels.raw_kernel)
-    monkeypatch.setattr(_cupy_kernels, "elementwise_kernel", kernels.elementwise_kernel)
-    backend = EmulatedCupyBackend()
-    backend.kernels = kernels  # type: ignore[attr-defined]
-    return backend
+def host_cupy():
+    """The backend's code path through ``xp`` alone.
+
+    ``tests/cuda_kernels/test_simulated_backend.py`` reruns the tests that take this
+    fixture with the numba.cuda kernels launched under the simulator.
+    """
+    return HostCupyBackend()
 
 
-@pytest.fixture(params=["generic", "emulated"])
-def host_cupy(request, monkeypatch):
-    """The backend's code path through ``xp`` alone, then through the emulated kernels."""
-    if request.param == "generic":
-        return HostCupyBackend()
-    return request.getfixturevalue("emulated")
+@pytest.fixture(scope="module")
+def small_problem():
+    """A net and batch whose numerical gradient crosses every tile boundary.
+
+    5 inputs (+ the bias row); 34 hidden units over 32-wide tiles (one full,
+    one partial); 70 samples; 5 classes; 60 % zero inputs (the skip path), and
+    the naive loop's answer to compare (small enough for its pure-Python loops
+    to take a few seconds).
+    """
+    rng = np.random.default_rng(3)
+    params = random_params(rng, (5, 34, 5))
+    X = sparse_inputs(rng, 70, 5, zeros=0.6)
+    labels = rng.integers(0, 5, 70).astype(np.int64)
+    network = network_of(params)
+    reference = by_name(REFERENCE.network_numerical_gradient(network, X, labels, 1e-4))
+    oracle = naive_numerical_gradient(params, X, labels)
+    return types.SimpleNamespace(
+        params=params, network=network, X=X, labels=labels, reference=reference, oracle=oracle
+    )
 
 
 def _training_setup(dtype, steps=3, batch=6):
@@ -320,37 +261,34 @@ def _training_setup(dtype, steps=3, batch=6):
     X = sparse_inputs(rng, 30, 10, zeros=0.5).astype(dtype)
     labels = rng.integers(0, 4, 30)
     batches = np.stack([rng.choice(30, batch, replace=False) for _ in range(steps)])
-    return random_params(rng, 10, 6, 4, dtype), X, labels, batches
+    return random_params(rng, (10, 6, 4), dtype), X, labels, batches
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("gradient", ["backprop", "numerical"])
 def test_sgd_steps_on_host(host_cupy, dtype, gradient):
     params, X, labels, batches = _training_setup(dtype)
-    expected = {k: v.copy() for k, v in params.items()}
-    want = REFERENCE.two_layer_sgd_steps(expected, X, labels, batches, 0.5, gradient)
-    losses = host_cupy.two_layer_sgd_steps(params, X, labels, batches, 0.5, gradient)
+    net, expected = net_on(host_cupy, params), net_on(REFERENCE, params)
+    want = expected.sgd_steps(X, labels, batches, 0.5, gradient)
+    losses = net.sgd_steps(X, labels, batches, 0.5, gradient)
     assert losses.dtype == np.float64 and losses.shape == (3,)
     np.testing.assert_allclose(losses, want, **close(dtype))
-    for name in PARAM_NAMES:
-        assert params[name].dtype == dtype
-        np.testing.assert_allclose(params[name], expected[name], **close(dtype))
+    assert_params_close(net, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_losses_and_gradients_on_host(host_cupy, dtype):
     params, X, labels, _ = _training_setup(dtype)
-    np.testing.assert_allclose(
-        host_cupy.two_layer_loss(params, X, labels),
-        REFERENCE.two_layer_loss(params, X, labels),
-        **close(dtype),
-    )
-    loss, grads = host_cupy.two_layer_gradient(params, X, labels)
-    want_loss, want = REFERENCE.two_layer_gradient(params, X, labels)
+    net, expected = net_on(host_cupy, params), net_on(REFERENCE, params)
+    np.testing.assert_allclose(net.loss(X, labels), expected.loss(X, labels), **close(dtype))
+    loss, grads = net.prepared_gradient(X, labels)
+    want_loss, want = expected.prepared_gradient(X, labels)
     assert np.asarray(loss).dtype == dtype
     np.testing.assert_allclose(loss, want_loss, **close(dtype))
-    for name in PARAM_NAMES:
-        np.testing.assert_allclose(grads[name], want[name], **close(dtype))
+    for name in CHAPTER_NAMES:
+        assert grads[name].dtype == dtype
+        np.testing.assert_allclose(grads[name], want[name], **close(dtype), err_msg=name)
+    np.testing.assert_allclose(net.predict(X), expected.predict(X), **close(dtype))
     logits = X[:, :4]
     for T in (labels, np.eye(4, dtype=dtype)[labels]):
         np.testing.assert_allclose(
@@ -368,13 +306,73 @@ def test_losses_and_gradients_on_host(host_cupy, dtype):
         )
 
 
-def test_fast_numerical_gradient_on_host(host_cupy, small_problem):
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_primitives_on_host(host_cupy, dtype, activation):
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((7, 33)).astype(dtype)
+    X[0, :5] = 0.0  # ReLU's derivative at exactly 0 is 0
+    dY = rng.standard_normal(X.shape).astype(dtype)
+    Y = host_cupy.activation_forward(X, activation)
+    assert Y.dtype == dtype
+    np.testing.assert_allclose(Y, REFERENCE.activation_forward(X, activation), **close(dtype))
+    untouched = dY.copy()
+    dX = host_cupy.activation_backward(dY, X, Y, activation)
+    np.testing.assert_array_equal(dY, untouched)  # the incoming gradient is not overwritten
+    assert dX.dtype == dtype
+    want = REFERENCE.activation_backward(dY, X, Y, activation)
+    np.testing.assert_allclose(dX, want, **close(dtype))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        host_cupy.activation_backward(dY, X, Y, "softplus")
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.3], ids=["no-decay", "decay"])
+def test_fast_numerical_gradient_on_host(host_cupy, small_problem, weight_decay):
     p = small_problem
-    grads = host_cupy.two_layer_numerical_gradient(p.params, p.X, p.labels, 1e-4)
-    for name in PARAM_NAMES:
-        assert grads[name].dtype == np.float64 and grads[name].shape == p.params[name].shape
-        np.testing.assert_allclose(grads[name], p.oracle[name], rtol=0, atol=1e-9)
-        np.testing.assert_allclose(grads[name], p.reference[name], rtol=0, atol=1e-12)
+    network = network_of(p.params, weight_decay=weight_decay)
+    reference = by_name(REFERENCE.network_numerical_gradient(network, p.X, p.labels, 1e-4))
+    for X in (p.X, host_cupy.sparse_rows(p.X)):
+        grads = by_name(host_cupy.network_numerical_gradient(network, X, p.labels, 1e-4))
+        for name, array in p.params.items():
+            # the decay term's central difference is λ·W exactly
+            oracle = p.oracle[name] + (weight_decay * array if name[0] == "W" else 0.0)
+            assert grads[name].dtype == np.float64 and grads[name].shape == array.shape
+            np.testing.assert_allclose(grads[name], oracle, rtol=0, atol=1e-9, err_msg=name)
+            np.testing.assert_allclose(
+                grads[name], reference[name], rtol=0, atol=1e-12, err_msg=name
+            )
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05], ids=["no-decay", "decay"])
+def test_multilayer_relu_net_end_to_end_on_host(host_cupy, dtype, weight_decay):
+    """Depth 3, ReLU: loss, gradients, numerical gradients and training, via the primitives."""
+    rng = np.random.default_rng(10)
+    params = random_params(rng, (7, 6, 5, 3), dtype)
+    X = sparse_inputs(rng, 12, 7, zeros=0.5).astype(dtype)
+    labels = rng.integers(0, 3, 12)
+    batches = np.stack([rng.choice(12, 4, replace=False) for _ in range(3)])
+    net = net_on(host_cupy, params, "relu", weight_decay)
+    expected = net_on(REFERENCE, params, "relu", weight_decay)
+    assert net.depth == 3 and net.activation == "relu"
+    np.testing.assert_allclose(net.loss(X, labels), expected.loss(X, labels), **close(dtype))
+    grads, want = net.gradient(X, labels), expected.gradient(X, labels)
+    for name in params:
+        assert grads[name].dtype == dtype
+        np.testing.assert_allclose(grads[name], want[name], **close(dtype), err_msg=name)
+    numerical = net.numerical_gradient_float64(*net.prepare(X, labels))
+    want = expected.numerical_gradient_float64(*expected.prepare(X, labels))
+    oracle = naive_numerical_gradient(params, X, labels, "relu", weight_decay)
+    for name in params:
+        np.testing.assert_allclose(numerical[name], want[name], rtol=0, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(numerical[name], oracle[name], rtol=0, atol=1e-9, err_msg=name)
+    assert net.numerical_gradient(X, labels)["W3"].dtype == dtype
+    for gradient in ("backprop", "numerical"):
+        losses = net.sgd_steps(X, labels, batches, 0.3, gradient)
+        np.testing.assert_allclose(
+            losses, expected.sgd_steps(X, labels, batches, 0.3, gradient), **close(dtype)
+        )
+        assert_params_close(net, expected, dtype)
 
 
 @pytest.mark.parametrize("method", ["central", "forward"])
@@ -401,37 +399,54 @@ def test_chunks_follow_free_device_memory():
     assert 1 < backend._chunk_rows(x) < 1000
 
 
-def test_fused_path_really_ran_the_kernels(emulated):
-    params, X, labels, batches = _training_setup(np.float64)
-    emulated.two_layer_sgd_steps(params, X, labels, batches, 0.1)
-    emulated.two_layer_numerical_gradient(params, X, labels, 1e-4)
-    launched = {name: len(kernel.launches) for name, kernel in emulated.kernels.raw.items()}
-    assert launched == {
-        "softmax_xent_rows": 3,
-        "sgd_update_two_layer": 3,
-        "numgrad_output_layer": 1,
-        "numgrad_hidden_layer": 1,
-    }
-    assert emulated.kernels.elementwise_calls["bias_sigmoid"] == 3
-    _grid, block, shared = emulated.kernels.raw["numgrad_hidden_layer"].launches[0]
-    assert block[:2] == _cupy_kernels.HIDDEN_TILE and shared == block[0] * block[1] * 8
+def test_warmup_on_host(host_cupy):
+    for dtype in FLOATS:
+        assert host_cupy.warmup(dtype) >= 0.0
 
 
-def test_fused_path_falls_back_for_non_contiguous_params(emulated):
-    params, X, labels, batches = _training_setup(np.float64)
-    params["W1"] = np.asfortranarray(params["W1"])
-    expected = {k: v.copy() for k, v in params.items()}
-    REFERENCE.two_layer_sgd_steps(expected, X, labels, batches, 0.1)
-    emulated.two_layer_sgd_steps(params, X, labels, batches, 0.1)
-    assert "sgd_update_two_layer" not in emulated.kernels.raw
-    np.testing.assert_allclose(params["W1"], expected["W1"], rtol=1e-12, atol=1e-14)
+def test_primitives_dispatch_to_the_elementwise_kernels(monkeypatch):
+    """Which CuPy kernel each primitive calls, with which arguments (values: the gpu tests)."""
+    calls = []
+
+    def recording_kernel(name):
+        def launch(*args):
+            calls.append((name, args))
+            return name
+
+        return launch
+
+    monkeypatch.setattr(kernels, "elementwise_kernel", recording_kernel)
+    backend = HostCupyBackend()
+    backend.elementwise_kernels = True
+    rng = np.random.default_rng(12)
+    X, Y, dY = (rng.standard_normal((5, 40)) for _ in range(3))
+    for activation in ("sigmoid", "relu", "tanh"):
+        assert backend.activation_backward(dY, X, Y, activation) == f"{activation}_backward"
+    # ReLU's derivative reads the layer's input; sigmoid's and tanh's its output.
+    assert [args[1] is X for _, args in calls] == [False, True, False]
+    assert all(args[0] is dY for _, args in calls)
+    assert backend.activation_backward(dY, X, X, "identity") is dY
+    W, grad = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    backend.sgd_update([W], [grad], 0.1)
+    assert calls[-1][0] == "sgd_update" and calls[-1][1][2] is W
+    assert backend.sigmoid(X) == "sigmoid" and backend.sigmoid_grad(X) == "sigmoid_grad"
+    # Mixed dtypes (float64 numerical gradients of float32 parameters) run the
+    # reference: the kernels bind one type T. So do integer arrays.
+    count = len(calls)
+    W32 = W.astype(np.float32)
+    want32 = W32 - (0.1 * grad).astype(np.float32)
+    backend.sgd_update([W32], [grad], 0.1)
+    np.testing.assert_array_equal(W32, want32)
+    backend.activation_backward(dY.astype(np.float32), X, X, "tanh")
+    backend.sigmoid(np.arange(3))
+    assert len(calls) == count
 
 
 def test_sgd_steps_checks_its_arguments():
-    backend = HostCupyBackend()
     params, X, labels, batches = _training_setup(np.float64)
+    net = net_on(HostCupyBackend(), params)
     with pytest.raises(ValueError, match="gradient must be"):
-        backend.two_layer_sgd_steps(params, X, labels, batches, 0.1, gradient="adam")
+        net.sgd_steps(X, labels, batches, 0.1, gradient="adam")
 
 
 # ================================================================= 4. the errors
@@ -498,6 +513,14 @@ def test_error_cupy_installed_but_no_driver(monkeypatch, no_cached_cupy):
     assert "InsufficientDriver" in text and "fastgrad[cuda13x]" in text
 
 
+def test_error_numba_cuda_not_installed(monkeypatch, no_cached_cupy):
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(lambda: 1))
+    monkeypatch.setitem(sys.modules, "numba_cuda", None)  # find_spec now reports it missing
+    with pytest.raises(BackendUnavailableError, match="numba-cuda") as caught:
+        CupyBackend()
+    assert "pip install 'fastgrad[cuda12x]'" in str(caught.value)
+
+
 def test_error_real_cupy_without_device(no_cached_cupy):
     """Where CuPy is really installed on a machine with no usable GPU."""
     try:
@@ -523,11 +546,23 @@ def test_error_mixed_numpy_and_cupy_arrays(monkeypatch):
         backend_of(np.zeros(2), device_array)
     with pytest.raises(TypeError, match="cannot use CuPy"):
         resolve_backend("numpy", device_array)
-    # The backend's device-only entry points refuse host arrays too.
+    # The backend's device-only entry points refuse host arrays too: for the
+    # data, the batch indices and the parameters, on the fused path or not.
     foreign = types.SimpleNamespace(shape=(30, 10))
-    params, _, labels, batches = _training_setup(np.float64)
-    with pytest.raises(TypeError, match="move it explicitly"):
-        HostCupyBackend().two_layer_sgd_steps(params, foreign, labels, batches, 0.1)
+    params, X, labels, batches = _training_setup(np.float64)
+    backend = HostCupyBackend()
+    network = network_of(params)
+    for arguments in (
+        (network, foreign, labels, batches),
+        (network, X, labels, types.SimpleNamespace(shape=batches.shape)),
+        (network_of({**params, "W2": foreign}, "relu"), X, labels, batches),
+    ):
+        with pytest.raises(TypeError, match=r"fused_sgd_steps: .* move it explicitly"):
+            backend.fused_sgd_steps(*arguments, 0.1, "backprop")
+    with pytest.raises(TypeError, match=r"network_numerical_gradient: .* move it explicitly"):
+        backend.network_numerical_gradient(network, foreign, labels, 1e-4)
+    with pytest.raises(TypeError, match=r"network_numerical_gradient: .* move it explicitly"):
+        backend.network_numerical_gradient(network_of(params, "tanh"), X, foreign, 1e-4)
 
 
 def test_the_three_errors_are_distinct(monkeypatch, no_cached_cupy):
@@ -549,15 +584,12 @@ def gpu():
     return backend_or_skip("cupy")
 
 
-def _to_gpu(gpu, arrays):
-    return {k: gpu.asarray(v) for k, v in arrays.items()}
-
-
 @pytest.mark.gpu
 def test_gpu_describe_and_warmup(gpu):
     facts = gpu.describe()
     assert {"device", "device memory", "cuda runtime", "cuda driver"} <= set(facts)
     assert facts["array library"].startswith("cupy ")
+    assert facts["custom kernels"].startswith("numba-cuda ")
     for dtype in FLOATS:
         assert gpu.warmup(dtype) >= 0.0
 
@@ -568,46 +600,106 @@ def test_gpu_sgd_steps_match_reference_without_sync(gpu, dtype):
     import cupyx
 
     rng = np.random.default_rng(7)
-    params = random_params(rng, 784, 50, 10, dtype)
+    params = random_params(rng, (784, 50, 10), dtype)
     X = sparse_inputs(rng, 1000, 784, zeros=0.81).astype(dtype)
     labels = rng.integers(0, 10, 1000)
     batches = np.stack([rng.choice(1000, 100, replace=False) for _ in range(20)])
-    expected = {k: v.copy() for k, v in params.items()}
-    want = REFERENCE.two_layer_sgd_steps(expected, X, labels, batches, 0.1)
-    device_params = _to_gpu(gpu, params)
-    X_d, labels_d, batches_d = (gpu.asarray(a) for a in (X, labels, batches))
+    expected = net_on(REFERENCE, params)
+    want = expected.sgd_steps(X, labels, batches, 0.1)
+    net = net_on(gpu, params)
+    X_d, labels_d = net.prepare(gpu.asarray(X), gpu.asarray(labels))
+    batches_d = gpu.asarray(batches)
     gpu.warmup(dtype)
     with cupyx.allow_synchronize(False):
-        losses = gpu.two_layer_sgd_steps(device_params, X_d, labels_d, batches_d, 0.1)
-    assert gpu.is_native(losses) and all(gpu.is_native(v) for v in device_params.values())
+        losses = gpu.fused_sgd_steps(net.network(), X_d, labels_d, batches_d, 0.1, "backprop")
+    assert losses is not None, "the fused path must serve the chapter's net"
+    assert gpu.is_native(losses) and all(gpu.is_native(v) for v in net.params.values())
     np.testing.assert_allclose(gpu.to_numpy(losses), want, **close(dtype))
-    for name in PARAM_NAMES:
+    assert_params_close(net, expected, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_queue_on_cupys_current_stream(gpu):
+    """On a non-blocking stream the numba.cuda launches must follow CuPy's own work there."""
+    import cupy
+
+    rng = np.random.default_rng(15)
+    params = random_params(rng, (784, 50, 10))
+    X = sparse_inputs(rng, 500, 784, zeros=0.81)
+    labels = rng.integers(0, 10, 500)
+    batches = np.stack([rng.choice(500, 100, replace=False) for _ in range(10)])
+    expected = net_on(REFERENCE, params)
+    want_losses = expected.sgd_steps(X, labels, batches, 0.1)
+    want_gradient = expected.numerical_gradient_float64(X[:100], labels[:100])
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        net = net_on(gpu, params)
+        X_d, labels_d = net.prepare(gpu.asarray(X), gpu.asarray(labels))
+        losses = net.sgd_steps(X_d, labels_d, gpu.asarray(batches), 0.1)
+        gradient = net.numerical_gradient_float64(X_d[:100], labels_d[:100])
+    stream.synchronize()
+    np.testing.assert_allclose(gpu.to_numpy(losses), want_losses, **close(np.float64))
+    assert_params_close(net, expected, np.float64)
+    for name in CHAPTER_NAMES:
         np.testing.assert_allclose(
-            gpu.to_numpy(device_params[name]), expected[name], **close(dtype)
+            gpu.to_numpy(gradient[name]), want_gradient[name], rtol=0, atol=1e-11, err_msg=name
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gpu_multilayer_relu_net_matches_reference(gpu, dtype):
+    rng = np.random.default_rng(13)
+    params = random_params(rng, (64, 40, 30, 10), dtype)
+    X = sparse_inputs(rng, 200, 64, zeros=0.5).astype(dtype)
+    labels = rng.integers(0, 10, 200)
+    batches = np.stack([rng.choice(200, 50, replace=False) for _ in range(5)])
+    net = net_on(gpu, params, "relu", 0.01)
+    expected = net_on(REFERENCE, params, "relu", 0.01)
+    X_d, labels_d = net.prepare(gpu.asarray(X), gpu.asarray(labels))
+    np.testing.assert_allclose(net.loss(X_d, labels_d), expected.loss(X, labels), **close(dtype))
+    numerical = net.numerical_gradient_float64(X_d[:20], labels_d[:20])
+    want = expected.numerical_gradient_float64(X[:20], labels[:20])
+    for name in params:
+        np.testing.assert_allclose(
+            gpu.to_numpy(numerical[name]), want[name], rtol=0, atol=1e-11, err_msg=name
+        )
+    for gradient in ("backprop", "numerical"):
+        losses = net.sgd_steps(X_d, labels_d, gpu.asarray(batches), 0.1, gradient)
+        want_losses = expected.sgd_steps(X, labels, batches, 0.1, gradient)
+        np.testing.assert_allclose(gpu.to_numpy(losses), want_losses, **close(dtype))
+        assert_params_close(net, expected, dtype)
+
+
+def _network_on_gpu(gpu, params):
+    return network_of({name: gpu.asarray(array) for name, array in params.items()})
 
 
 @pytest.mark.gpu
 def test_gpu_numerical_gradient_matches_naive_loop(gpu, small_problem):
     p = small_problem
-    grads = gpu.two_layer_numerical_gradient(
-        _to_gpu(gpu, p.params), gpu.asarray(p.X), gpu.asarray(p.labels), 1e-4
+    grads = by_name(
+        gpu.network_numerical_gradient(
+            _network_on_gpu(gpu, p.params), gpu.asarray(p.X), gpu.asarray(p.labels), 1e-4
+        )
     )
-    for name in PARAM_NAMES:
+    for name in CHAPTER_NAMES:
         np.testing.assert_allclose(gpu.to_numpy(grads[name]), p.oracle[name], rtol=0, atol=1e-9)
 
 
 @pytest.mark.gpu
 def test_gpu_numerical_gradient_of_the_chapter_net(gpu):
     rng = np.random.default_rng(8)
-    params = random_params(rng, 784, 50, 10)
+    params = random_params(rng, (784, 50, 10))
     X = sparse_inputs(rng, 100, 784, zeros=0.81)
     labels = rng.integers(0, 10, 100)
-    want = REFERENCE.two_layer_numerical_gradient(params, X, labels, 1e-4)
-    got = gpu.two_layer_numerical_gradient(
-        _to_gpu(gpu, params), gpu.asarray(X), gpu.asarray(labels), 1e-4
+    want = by_name(REFERENCE.network_numerical_gradient(network_of(params), X, labels, 1e-4))
+    got = by_name(
+        gpu.network_numerical_gradient(
+            _network_on_gpu(gpu, params), gpu.asarray(X), gpu.asarray(labels), 1e-4
+        )
     )
-    for name in PARAM_NAMES:
+    for name in CHAPTER_NAMES:
         # GPU and host libm round exp differently in the last bit; the spec's bar
         # (1e-9 against the naive loop) is checked in the test above.
         np.testing.assert_allclose(gpu.to_numpy(got[name]), want[name], rtol=0, atol=1e-11)
@@ -632,8 +724,10 @@ def test_gpu_refuses_host_arrays(gpu):
     with pytest.raises(TypeError, match="cannot use NumPy"):
         net.loss(np.ones((2, 4)), np.array([0, 1]))
     with pytest.raises(TypeError, match="move it explicitly"):
-        gpu.two_layer_sgd_steps(net.params, np.ones((2, 4)), gpu.asarray([0, 1]),
-                                gpu.asarray([[0, 1]]), 0.1)  # fmt: skip
+        gpu.fused_sgd_steps(net.network(), np.ones((2, 4)), gpu.asarray([0, 1]),
+                            gpu.asarray([[0, 1]]), 0.1, "backprop")  # fmt: skip
+    with pytest.raises(TypeError, match="move it explicitly"):
+        gpu.network_numerical_gradient(net.network(), np.ones((2, 4)), gpu.asarray([0, 1]), 1e-4)
 
 
 @pytest.mark.gpu

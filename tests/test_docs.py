@@ -1,9 +1,11 @@
-"""The examples in the public docstrings run and print what they say."""
+"""The examples in the public docstrings and in the README run and print what they say."""
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import re
+from pathlib import Path
 
 import pytest
 
@@ -16,13 +18,55 @@ PUBLIC_MODULES = [
     "fastgrad.gradient",
     "fastgrad.models",
     "fastgrad.gradcheck",
-    "fastgrad.backends._cupy_kernels",
+    "fastgrad.train",
+    # runs on the CPU without CuPy: its kernels' own source under a simulator
+    "fastgrad.backends.cupy.kernels",
+]
+
+# The Numba backend's modules with examples; they need numba itself.
+NUMBA_MODULES = [
+    "fastgrad.backends.numba",
+    "fastgrad.backends.numba.threads",
+    "fastgrad.backends.numba.sync",
+    "fastgrad.backends.numba.simd",
+    "fastgrad.backends.numba.vector_math",
 ]
 
 
-@pytest.mark.parametrize("module_name", PUBLIC_MODULES)
-def test_docstring_examples(module_name):
+def run_examples(module_name: str) -> None:
     module = importlib.import_module(module_name)
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert result.failed == 0, f"{result.failed} docstring example(s) failed in {module_name}"
     assert result.attempted > 0, f"{module_name} has no runnable example"
+
+
+@pytest.mark.parametrize("module_name", PUBLIC_MODULES)
+def test_docstring_examples(module_name):
+    run_examples(module_name)
+
+
+@pytest.mark.jit
+@pytest.mark.parametrize("module_name", NUMBA_MODULES)
+def test_numba_docstring_examples(module_name):
+    pytest.importorskip("numba", reason="the numba backend's examples need numba")
+    run_examples(module_name)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _fenced(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def _without_timing(text: str) -> str:
+    # the report's title says how long the check took
+    return re.sub(r"\d+(\.\d+)? s\)", "<seconds> s)", text)
+
+
+def test_readme_library_example_prints_what_the_readme_says(capsys):
+    section = README.read_text(encoding="utf-8").split("## The library in fifteen lines", 1)[1]
+    code, printed = _fenced(section, "python")[0], _fenced(section, "text")[0]
+    exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
+    # the first print (True) is shown as a comment in the code, the report below it
+    assert _without_timing(capsys.readouterr().out) == "True\n" + _without_timing(printed)

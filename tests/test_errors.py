@@ -18,9 +18,12 @@ def test_numerical_gradient_refuses_integer_arrays():
     np.testing.assert_array_equal(x, [3, 4])
 
 
-@pytest.mark.parametrize("bad", [np.array([True, False]), np.array([1 + 2j])])
-def test_numerical_gradient_refuses_other_non_float_dtypes(bad):
-    with pytest.raises(TypeError, match="floating-point"):
+@pytest.mark.parametrize(
+    "bad, message",
+    [(np.array([True, False]), "floating-point"), (np.array([1 + 2j]), "x is complex")],
+)
+def test_numerical_gradient_refuses_other_non_float_dtypes(bad, message):
+    with pytest.raises(TypeError, match=message):
         fastgrad.numerical_gradient(lambda a: 0.0, bad)
 
 
@@ -91,9 +94,9 @@ def test_nan_in_loss_inputs():
     bad = Y.copy()
     bad[0, 0] = np.nan
     for loss in (fastgrad.mean_squared_error, fastgrad.cross_entropy_error):
-        with pytest.raises(ValueError, match="y contains NaN"):
+        with pytest.raises(ValueError, match=r"y holds nan at index \[0, 0\]"):
             loss(bad, np.eye(3)[[0, 1]])
-    with pytest.raises(ValueError, match="logits contains NaN"):
+    with pytest.raises(ValueError, match=r"logits holds nan at index \[0, 0\]"):
         fastgrad.softmax_cross_entropy(bad, np.array([0, 1]))
     with pytest.raises(ValueError, match="negative values"):
         fastgrad.cross_entropy_error(np.array([[-0.5, 1.5]]), np.array([0]))
@@ -142,6 +145,96 @@ def test_model_methods_leave_inputs_and_params_alone():
     net.numerical_gradient(x, t, method="naive")
     net.numerical_gradient(x, t)
     net.gradient(x, t)
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_array_equal(t, t_before)
+    for name, value in params_before.items():
+        np.testing.assert_array_equal(net.params[name], value)
+
+
+BAD_MULTILAYER_ARGUMENTS = [
+    ("input_size", 0),
+    ("input_size", -3),
+    ("input_size", 2.5),
+    ("input_size", True),
+    ("input_size", "13"),
+    ("output_size", 0),
+    ("output_size", None),
+    ("hidden_size_list", [5, 0]),
+    ("hidden_size_list", [5, 2.0]),
+    ("hidden_size_list", 5),
+    ("hidden_size_list", "55"),
+    ("hidden_size_list", None),
+    ("activation", "softmax"),
+    ("activation", "ReLU"),
+    ("activation", None),
+    ("weight_decay_lambda", -0.1),
+    ("weight_decay_lambda", float("nan")),
+    ("weight_decay_lambda", float("inf")),
+    ("weight_decay_lambda", "0.1"),
+    ("weight_decay_lambda", True),
+    ("weight_init_std", "gaussian"),
+    ("weight_init_std", ""),
+    ("weight_init_std", 0),
+    ("weight_init_std", -0.01),
+    ("weight_init_std", float("nan")),
+    ("weight_init_std", None),
+    ("weight_init_std", True),
+]
+
+
+@pytest.mark.parametrize(
+    "argument, value",
+    BAD_MULTILAYER_ARGUMENTS,
+    ids=[f"{a}={v!r}" for a, v in BAD_MULTILAYER_ARGUMENTS],
+)
+def test_multilayer_net_arguments_are_checked_by_name(argument, value):
+    settings = {
+        "input_size": 13,
+        "hidden_size_list": [5, 4],
+        "output_size": 3,
+        "activation": "relu",
+        "weight_init_std": "relu",
+        "weight_decay_lambda": 0.0,
+        argument: value,
+    }
+    # A bad hidden size is named by its place in the list.
+    named, shown = (f"{argument}[1]", value[1]) if isinstance(value, list) else (argument, value)
+    with pytest.raises(ValueError) as caught:
+        fastgrad.MultiLayerNet(**settings)
+    message = str(caught.value)
+    assert message.startswith(f"{named} must be"), message
+    assert f"got {shown!r}" in message, message
+
+
+def test_multilayer_net_method_arguments():
+    net = fastgrad.MultiLayerNet(4, [3, 3], 2, seed=0)
+    x, t = np.ones((5, 4)), np.array([0, 1, 1, 0, 1])
+    with pytest.raises(ValueError, match="method must be one of"):
+        net.numerical_gradient(x, t, method="central")
+    for h in (0, -1e-4, float("nan"), True):
+        with pytest.raises(ValueError, match="h must be a positive finite step"):
+            net.numerical_gradient(x, t, h=h)
+    X, labels = net.prepare(x, t)
+    with pytest.raises(ValueError, match="gradient must be 'backprop' or 'numerical'"):
+        net.sgd_steps(X, labels, np.zeros((1, 2), dtype=np.intp), 0.1, "magic")
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 4\)"):
+        net.predict(np.ones((5, 3)))
+    with pytest.raises(ValueError, match="label 2, out of range for 2 classes"):
+        net.loss(x, np.array([0, 1, 2, 0, 1]))
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        fastgrad.MultiLayerNet(4, [3], 2, dtype=np.float16)
+
+
+def test_deep_net_methods_leave_inputs_and_params_alone():
+    net = fastgrad.MultiLayerNet(4, [3, 3, 2], 2, "tanh", weight_decay_lambda=0.1, seed=0)
+    x = np.random.default_rng(0).random((5, 4))
+    t = np.array([0, 1, 1, 0, 1])
+    x_before, t_before = x.copy(), t.copy()
+    params_before = {k: v.copy() for k, v in net.params.items()}
+    net.numerical_gradient(x, t, method="naive")
+    net.numerical_gradient(x, t)
+    net.gradient(x, t)
+    net.loss(x, t)
     np.testing.assert_array_equal(x, x_before)
     np.testing.assert_array_equal(t, t_before)
     for name, value in params_before.items():

@@ -4,21 +4,23 @@ The conformance suite already runs every kernel on ``numba`` against the
 NumPy reference; these tests cover the Numba-specific paths: results that do
 not depend on the thread count, the parallel black-box numerical gradient for
 ``@njit`` functions (and the warning for plain ones), the multi-step SGD
-kernel step by step, and the fast numerical kernel against the book's loop.
+kernels (the chapter's and any depth's) against the model's loop of
+primitives, and the fast numerical kernels against the book's loop.
 """
 
 from __future__ import annotations
 
+import doctest
+import itertools
 import warnings
 
 import numpy as np
 import pytest
 
 import fastgrad
-from fastgrad.backends._base import PARAM_NAMES, Backend
+from fastgrad.backends._base import Backend, SparseRows
 from fastgrad.errors import SlowPathWarning
-from tests import naive
-from tests.conftest import backend_or_skip, random_net, tolerance
+from tests.conftest import backend_or_skip, tolerance
 
 numba = pytest.importorskip("numba")
 
@@ -80,8 +82,64 @@ def sparse_inputs(rows, features, dtype=np.float64, seed=2):
     return x.astype(dtype)
 
 
-def copy_params(params):
-    return {name: value.copy() for name, value in params.items()}
+def make_net(
+    sizes,
+    activation="sigmoid",
+    dtype=np.float64,
+    *,
+    decay=0.0,
+    scale=0.8,
+    seed=0,
+    backend="numba",
+):
+    """A MultiLayerNet for ``sizes = (D, H_1, ..., C)`` with weights of ``scale``.
+
+    Larger than a model's initial weights, with non-zero biases, so that
+    every gradient is well away from zero. ``(D, H, C)`` with sigmoid and no
+    decay is the chapter's net (the Numba backend's chapter kernels).
+    """
+    rng = np.random.default_rng(seed)
+    net = fastgrad.MultiLayerNet(
+        sizes[0],
+        list(sizes[1:-1]),
+        sizes[-1],
+        activation,
+        weight_decay_lambda=decay,
+        dtype=dtype,
+        backend=backend,
+    )
+    for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes), start=1):
+        net.params[f"W{layer}"][...] = scale * rng.standard_normal((fan_in, fan_out))
+        net.params[f"b{layer}"][...] = 0.1 * rng.standard_normal(fan_out)
+    return net
+
+
+def copy_of(net, backend=None):
+    """A net like ``net`` (on ``backend``, default its own) with copies of its parameters."""
+    copy = fastgrad.MultiLayerNet(
+        net.input_size,
+        net.hidden_size_list,
+        net.output_size,
+        net.activation,
+        weight_decay_lambda=net.weight_decay_lambda,
+        dtype=net.dtype,
+        backend=backend or net.backend,
+    )
+    for name, value in net.params.items():
+        copy.params[name][...] = value
+    return copy
+
+
+def assert_same_params(got, expected, rtol=0.0, atol=0.0):
+    assert list(got.params) == list(expected.params)
+    for name, value in got.params.items():
+        assert value.dtype == expected.params[name].dtype
+        np.testing.assert_allclose(value, expected.params[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+def primitive_loop(monkeypatch, backend):
+    """Make ``backend`` serve no fused steps, so that models run their loop of primitives."""
+    monkeypatch.setattr(backend, "fused_sgd_steps", lambda *args, **kwargs: None)
 
 
 # ---------------------------------------------------------------- threads
@@ -89,30 +147,36 @@ def copy_params(params):
 def test_results_do_not_depend_on_thread_count(numba_backend, threads, monkeypatch):
     if threads < 2:
         pytest.skip("needs NUMBA_NUM_THREADS >= 2")
-    params = random_net((40, 9, 4))
+    chapter_net = make_net((40, 9, 4))
+    deeper_net = make_net((40, 9, 7, 4), "relu", decay=0.01, scale=0.4)
     X = sparse_inputs(13, 40)
     labels = np.arange(13) % 4
     x = np.random.default_rng(5).standard_normal(37)
+    indices = np.random.default_rng(1).integers(0, 13, (4, 5))
     results = {}
     for count in (1, 2):
         numba.set_num_threads(count)
-        fast = numba_backend.two_layer_numerical_gradient(params, X, labels, 1e-4)
+        fast = chapter_net.numerical_gradient(X, labels)
         monkeypatch.setattr(numba_backend, "taylor_max_shift", 0.0)  # the exact path
-        exact = numba_backend.two_layer_numerical_gradient(params, X, labels, 1e-4)
+        exact = chapter_net.numerical_gradient(X, labels)
         monkeypatch.undo()
-        trained = copy_params(params)
-        indices = np.random.default_rng(1).integers(0, 13, (4, 5))
-        numba_backend.two_layer_sgd_steps(trained, X, labels, indices, 0.3)
+        any_depth = deeper_net.numerical_gradient(X, labels)
+        trained = copy_of(chapter_net)
+        trained.sgd_steps(X, labels, indices, 0.3)
+        trained_deeper = copy_of(deeper_net)
+        trained_deeper.sgd_steps(X, labels, indices, 0.3)
         blackbox = numba_backend.numerical_gradient(cubic, x.copy(), 1e-4, "central")
-        results[count] = (fast, exact, trained, blackbox)
+        results[count] = (fast, exact, any_depth, trained, trained_deeper, blackbox)
     one, two = results[1], results[2]
-    for name in PARAM_NAMES:
-        np.testing.assert_array_equal(one[0][name], two[0][name])
-        np.testing.assert_array_equal(one[1][name], two[1][name])
-        # training cuts the hidden units into a block per thread: its logits
-        # add up per block, a reassociation (see sgd_worker)
-        np.testing.assert_allclose(one[2][name], two[2][name], rtol=1e-13, atol=1e-15)
-    np.testing.assert_array_equal(one[3], two[3])
+    for grads in range(3):
+        for name, value in one[grads].items():
+            np.testing.assert_array_equal(value, two[grads][name])
+    # chapter training cuts the hidden units into a block per thread: its
+    # logits add up per block, a reassociation (see sgd_worker); any other
+    # net's training adds the batch's gradient up by chunks, one per thread
+    assert_same_params(one[3], two[3], rtol=1e-13, atol=1e-15)
+    assert_same_params(one[4], two[4], rtol=1e-13, atol=1e-15)
+    np.testing.assert_array_equal(one[5], two[5])
 
 
 @needs_jit
@@ -126,19 +190,19 @@ def test_threaded_sgd_on_any_thread_count_follows_the_serial_loop(
     # threads some threads own no block. The blocks reassociate the logits'
     # sums, so results agree with one thread's to rounding, and repeat
     # bitwise at the same thread count.
-    from fastgrad.backends import _numba_kernels as kernels
-    from fastgrad.backends.numba_ import _sgd_backprop_threaded, _unit_blocks
+    from fastgrad.backends.numba import _sgd_backprop_threaded, _unit_blocks, primitives
 
-    params = random_net((40, 20, 4), dtype, scale=0.3)
+    net = make_net((40, 20, 4), dtype=dtype, scale=0.3)
     X = sparse_inputs(30, 40, dtype)
     labels = np.random.default_rng(3).integers(0, 4, 30)
     indices = np.random.default_rng(4).integers(0, 30, (7, 11))
-    listed = kernels.csr_rows(X)
+    listed = primitives.csr_rows(X)
 
     def train(threads):
-        trained = copy_params(params)
+        trained = copy_of(net)
         losses = np.empty(7)
-        _sgd_backprop_threaded(*listed, labels, indices, trained.values(), 0.5, losses, threads)
+        params = trained.network().arrays
+        _sgd_backprop_threaded(*listed, labels, indices, params, 0.5, losses, threads)
         return trained, losses
 
     assert len(_unit_blocks(20, thread_count, np.dtype(dtype).itemsize)[0]) > 2
@@ -148,15 +212,51 @@ def test_threaded_sgd_on_any_thread_count_follows_the_serial_loop(
     rtol = 50 * np.finfo(dtype).eps
     np.testing.assert_allclose(threaded_losses, serial_losses, rtol=rtol)
     np.testing.assert_array_equal(again_losses, threaded_losses)
-    for name in PARAM_NAMES:
-        np.testing.assert_allclose(threaded[name], serial[name], rtol=rtol, atol=rtol)
-        np.testing.assert_array_equal(again[name], threaded[name])
+    assert_same_params(threaded, serial, rtol=rtol, atol=rtol)
+    assert_same_params(again, threaded)
+
+
+@needs_jit
+@pytest.mark.parametrize("chunks", [2, 3, 7])
+def test_any_net_training_depends_on_its_chunks_not_its_threads(numba_backend, threads, chunks):
+    # The kernel cuts each step into chunks (the backend passes one per
+    # thread): 3 cut a batch of 7 rows into 2, 2 and 3 rows, 7 into single
+    # rows. Which thread runs a chunk does not change a bit; the number of
+    # chunks regroups the batch's gradient sum (rounding only).
+    from fastgrad.backends.numba import network as packed
+    from fastgrad.backends.numba import network_training, primitives
+
+    network = make_net((9, 8, 6, 3), "relu", decay=0.01, scale=0.5).network()
+    X = sparse_inputs(20, 9)
+    listed = primitives.csr_rows(X)
+    labels = np.arange(20) % 3
+    indices = np.random.default_rng(4).integers(0, 20, (5, 7))
+
+    def train(chunks, thread_count):
+        numba.set_num_threads(thread_count)
+        layers = packed.pack(network, np.dtype(np.float64))
+        losses = np.empty(5)
+        code = packed.activation_code("relu")
+        network_training.sgd_steps(
+            *listed, labels, indices, layers, code, 0.01, 0.3, losses, chunks
+        )
+        return layers, losses
+
+    serial_layers, serial_losses = train(1, 1)
+    one_layers, one_losses = train(chunks, 1)
+    layers, losses = train(chunks, min(2, threads))
+    np.testing.assert_array_equal(losses, one_losses)
+    np.testing.assert_array_equal(layers.weights, one_layers.weights)
+    np.testing.assert_array_equal(layers.biases, one_layers.biases)
+    np.testing.assert_allclose(losses, serial_losses, rtol=1e-13)
+    np.testing.assert_allclose(layers.weights, serial_layers.weights, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(layers.biases, serial_layers.biases, rtol=1e-13, atol=1e-15)
 
 
 @needs_jit
 def test_a_thread_that_fails_releases_the_others_from_the_barrier():
-    from fastgrad.backends._numba_sync import barrier
-    from fastgrad.backends._numba_threads import run_on_threads
+    from fastgrad.backends.numba.sync import barrier
+    from fastgrad.backends.numba.threads import run_on_threads
 
     passed = []
 
@@ -246,7 +346,31 @@ def test_warmup_returns_seconds_and_describe_reports_it(numba_backend):
     assert "warmup seconds (float64)" in facts
 
 
-# ------------------------------------------------------------ fused SGD steps
+@needs_jit
+@pytest.mark.parametrize("gradient", ["backprop", "numerical"])
+def test_after_warmup_a_run_of_any_net_compiles_nothing(numba_backend, gradient):
+    from fastgrad.backends.numba import _compile_clock
+
+    numba_backend.warmup(np.float64, gradient)
+    compiled = _compile_clock.seconds
+    net = make_net((9, 5, 4, 3, 2), "tanh", decay=0.1, scale=0.4)
+    X = sparse_inputs(12, 9)
+    labels = np.arange(12) % 2
+    indices = np.random.default_rng(0).integers(0, 12, (3, 4))
+    net.sgd_steps(net.training_inputs(X), labels, indices, 0.1, gradient)
+    net.sgd_steps(X, labels, indices, 0.1, gradient)
+    net.prepared_loss(X, labels)
+    assert _compile_clock.seconds == compiled
+
+
+def test_docstring_examples_of_the_packed_layers():
+    from fastgrad.backends.numba import network
+
+    result = doctest.testmod(network, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------------ fused SGD steps, chapter's net
 # float64 only: the conformance suite runs the float32 steps, and compiling
 # the float32 kernel again here would double this file's compile time.
 @pytest.mark.parametrize("dtype", [np.float64])
@@ -254,27 +378,24 @@ def test_warmup_returns_seconds_and_describe_reports_it(numba_backend):
 def test_fused_sgd_steps_follow_the_reference_step_by_step(numba_backend, reference, dtype, rows):
     # 60 draws from 40 rows repeat rows (each is listed once and read again);
     # from 500 rows they are mostly distinct (most of x is never listed).
-    params = random_net((33, 7, 5), dtype, scale=0.3)
+    net = make_net((33, 7, 5), dtype=dtype, scale=0.3)
     X = sparse_inputs(rows, 33, dtype)
     labels = np.random.default_rng(3).integers(0, 5, rows)
     indices = np.random.default_rng(4).integers(0, rows, (6, 10))
-    fused = copy_params(params)
-    losses = numba_backend.two_layer_sgd_steps(fused, X, labels, indices, 0.5)
-    stepped = copy_params(params)
-    expected = copy_params(params)
+    fused = copy_of(net)
+    scratch = copy_of(net).network()
+    assert numba_backend.fused_sgd_steps(scratch, X, labels, indices, 0.5, "backprop") is not None
+    losses = fused.sgd_steps(X, labels, indices, 0.5)
+    stepped = copy_of(net)
+    expected = copy_of(net, reference)
     tol = 10 * tolerance(dtype)
     for step, rows_of_step in enumerate(indices):
-        one = numba_backend.two_layer_sgd_steps(stepped, X, labels, rows_of_step[None, :], 0.5)
-        ref_loss = reference.two_layer_sgd_step(
-            expected, X[rows_of_step], labels[rows_of_step], 0.5
-        )
+        one = stepped.sgd_steps(X, labels, rows_of_step[None, :], 0.5)
+        ref_loss = expected.sgd_steps(X, labels, rows_of_step[None, :], 0.5)[0]
         assert losses[step] == pytest.approx(float(ref_loss), rel=tol)
         assert one[0] == pytest.approx(float(ref_loss), rel=tol)
-        for name in PARAM_NAMES:
-            np.testing.assert_allclose(stepped[name], expected[name], rtol=tol, atol=tol)
-    for name in PARAM_NAMES:
-        np.testing.assert_array_equal(fused[name], stepped[name])
-        assert fused[name].dtype == dtype
+        assert_same_params(stepped, expected, rtol=tol, atol=tol)
+    assert_same_params(fused, stepped)
 
 
 def test_training_inputs_list_the_nonzeros_of_every_row(numba_backend):
@@ -288,25 +409,37 @@ def test_training_inputs_list_the_nonzeros_of_every_row(numba_backend):
     assert rows.starts[-1] == np.count_nonzero(X)
 
 
+@pytest.mark.parametrize(
+    "sizes, activation",
+    [((33, 7, 5), "sigmoid"), ((33, 7, 6, 5), "relu")],
+    ids=["chapter", "deeper"],
+)
 @pytest.mark.parametrize("param_dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("input_dtype", [np.float64, np.float32])
 def test_sgd_steps_on_training_inputs_equal_those_on_dense_x(
-    numba_backend, param_dtype, input_dtype
+    numba_backend, param_dtype, input_dtype, sizes, activation
 ):
     # When the dtypes differ, the listed values are not used: the dense
-    # path promotes as it always does, with the same result.
-    params = random_net((33, 7, 5), param_dtype, scale=0.3)
+    # path promotes as it always does (the chapter's kernel) or the model's
+    # loop runs (any other net), with the same result either way.
+    net = make_net(sizes, activation, param_dtype, scale=0.3)
     X = sparse_inputs(60, 33, input_dtype)
     labels = np.random.default_rng(3).integers(0, 5, 60)
     indices = np.random.default_rng(4).integers(0, 60, (8, 10))
-    on_dense = copy_params(params)
-    dense_losses = numba_backend.two_layer_sgd_steps(on_dense, X, labels, indices, 0.5)
-    on_listed = copy_params(params)
+    on_dense = copy_of(net)
+    dense_losses = numba_backend.fused_sgd_steps(
+        on_dense.network(), X, labels, indices, 0.5, "backprop"
+    )
+    on_listed = copy_of(net)
     prepared = numba_backend.training_inputs(X)
-    losses = numba_backend.two_layer_sgd_steps(on_listed, prepared, labels, indices, 0.5)
-    np.testing.assert_array_equal(losses, dense_losses)
-    for name in PARAM_NAMES:
-        np.testing.assert_array_equal(on_listed[name], on_dense[name])
+    losses = numba_backend.fused_sgd_steps(
+        on_listed.network(), prepared, labels, indices, 0.5, "backprop"
+    )
+    fused = activation == "sigmoid" or param_dtype == input_dtype
+    assert (losses is not None) == fused and (dense_losses is not None) == fused
+    if fused:
+        np.testing.assert_array_equal(losses, dense_losses)
+    assert_same_params(on_listed, on_dense)
 
 
 def test_training_inputs_of_the_reference_are_x_itself(reference):
@@ -315,26 +448,109 @@ def test_training_inputs_of_the_reference_are_x_itself(reference):
 
 
 def test_fused_numerical_sgd_steps_follow_the_reference(numba_backend, reference):
-    params = random_net((21, 6, 4), scale=0.5)
+    net = make_net((21, 6, 4), scale=0.5)
     X = sparse_inputs(30, 21)
     labels = np.arange(30) % 4
     indices = np.random.default_rng(6).integers(0, 30, (5, 7))
-    fused = copy_params(params)
-    losses = numba_backend.two_layer_sgd_steps(fused, X, labels, indices, 0.4, "numerical")
-    expected = copy_params(params)
-    ref_losses = reference.two_layer_sgd_steps(expected, X, labels, indices, 0.4, "numerical")
+    fused = copy_of(net)
+    assert (
+        numba_backend.fused_sgd_steps(copy_of(net).network(), X, labels, indices, 0.4, "numerical")
+        is not None
+    )
+    losses = fused.sgd_steps(X, labels, indices, 0.4, "numerical")
+    expected = copy_of(net, reference)
+    ref_losses = expected.sgd_steps(X, labels, indices, 0.4, "numerical")
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-12)
-    for name in PARAM_NAMES:
-        np.testing.assert_allclose(fused[name], expected[name], rtol=0, atol=1e-12)
+    assert_same_params(fused, expected, atol=1e-12)
 
 
-def test_out_of_range_rows_and_labels_raise_instead_of_reading_wild_memory(numba_backend):
-    params = random_net((5, 3, 2))
+@pytest.mark.parametrize(
+    "sizes, activation", [((5, 3, 2), "sigmoid"), ((5, 3, 3, 2), "relu")], ids=["chapter", "deeper"]
+)
+def test_out_of_range_rows_and_labels_raise_instead_of_reading_wild_memory(
+    numba_backend, sizes, activation
+):
+    network = make_net(sizes, activation).network()
     X = sparse_inputs(4, 5)
-    with pytest.raises(IndexError, match="out of bounds"):
-        numba_backend.two_layer_sgd_steps(params, X, np.zeros(4, int), np.array([[0, 4]]), 0.1)
-    with pytest.raises(IndexError, match="labels"):
-        numba_backend.two_layer_sgd_steps(params, X, np.full(4, 2), np.array([[0, 1]]), 0.1)
+    for inputs in (X, numba_backend.training_inputs(X)):
+        with pytest.raises(IndexError, match="out of bounds"):
+            numba_backend.fused_sgd_steps(
+                network, inputs, np.zeros(4, int), np.array([[0, 4]]), 0.1, "backprop"
+            )
+        with pytest.raises(IndexError, match="labels"):
+            numba_backend.fused_sgd_steps(
+                network, inputs, np.full(4, 2), np.array([[0, 1]]), 0.1, "backprop"
+            )
+
+
+# ------------------------------------------ fused SGD steps, any other net
+DEEP_CASES = {
+    # depth 1: softmax regression (the first layer is the output layer)
+    "depth-1": ((11, 3), "relu", 0.0),
+    "depth-2-relu": ((13, 9, 4), "relu", 0.0),
+    "depth-2-sigmoid-decay": ((13, 9, 4), "sigmoid", 0.05),
+    "depth-3-tanh": ((17, 7, 5, 3), "tanh", 0.0),
+    "depth-3-identity-decay": ((8, 6, 5, 3), "identity", 0.02),
+    "depth-4-relu-decay": ((19, 11, 7, 5, 4), "relu", 0.01),
+    "depth-4-sigmoid": ((9, 1, 3, 2, 2), "sigmoid", 0.0),
+}
+
+
+@pytest.mark.parametrize("form", ["dense", "training_inputs"])
+@pytest.mark.parametrize("batch_size", [1, 7])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", list(DEEP_CASES))
+def test_fused_steps_of_any_net_equal_the_primitive_loop(
+    numba_backend, monkeypatch, case, dtype, batch_size, form
+):
+    sizes, activation, decay = DEEP_CASES[case]
+    net = make_net(sizes, activation, dtype, decay=decay, scale=0.5, seed=len(sizes))
+    X = sparse_inputs(40, sizes[0], dtype, seed=batch_size)
+    X[:, 0] = 0.0  # an input that is zero in every row: its weights only decay
+    labels = np.random.default_rng(1).integers(0, sizes[-1], 40)
+    indices = np.random.default_rng(2).integers(0, 40, (4, batch_size))
+    inputs = net.training_inputs(X) if form == "training_inputs" else X
+    assert isinstance(inputs, SparseRows) == (form == "training_inputs")
+    fused = copy_of(net)
+    assert (
+        numba_backend.fused_sgd_steps(
+            copy_of(net).network(), inputs, labels, indices, 0.3, "backprop"
+        )
+        is not None
+    )
+    losses = fused.sgd_steps(inputs, labels, indices, 0.3)
+    looped = copy_of(net)
+    primitive_loop(monkeypatch, numba_backend)
+    expected = looped.sgd_steps(X, labels, indices, 0.3)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    assert losses.dtype == np.float64 and losses.shape == (4,)
+    np.testing.assert_allclose(losses, expected, rtol=rtol)
+    scale = max(float(np.abs(value).max()) for value in looped.params.values())
+    assert_same_params(fused, looped, rtol=rtol, atol=rtol * scale)
+
+
+def test_numerical_steps_of_any_net_run_the_fast_gradient_in_the_models_loop(
+    numba_backend, reference
+):
+    net = make_net((12, 6, 5, 3), "relu", decay=0.01, scale=0.5)
+    X = sparse_inputs(20, 12)
+    labels = np.arange(20) % 3
+    indices = np.random.default_rng(6).integers(0, 20, (3, 5))
+    args = (X, labels, indices, 0.4, "numerical")
+    assert numba_backend.fused_sgd_steps(copy_of(net).network(), *args) is None
+    stepped = copy_of(net)
+    losses = stepped.sgd_steps(*args)
+    expected = copy_of(net, reference)
+    np.testing.assert_allclose(losses, expected.sgd_steps(*args), rtol=1e-12)
+    assert_same_params(stepped, expected, atol=1e-12)
+
+
+def test_mixed_dtypes_run_the_models_loop(numba_backend):
+    net = make_net((6, 4, 4, 2), "relu", np.float32)
+    X = sparse_inputs(5, 6, np.float64)
+    indices = np.array([[0, 1], [2, 3]])
+    labels = np.array([0, 1, 0, 1, 1])
+    assert numba_backend.fused_sgd_steps(net.network(), X, labels, indices, 0.1, "backprop") is None
 
 
 # ------------------------------------------------- fast numerical gradient
@@ -349,24 +565,112 @@ def test_fast_numerical_kernel_equals_the_naive_loop(
 ):
     if path == "exact":
         monkeypatch.setattr(numba_backend, "taylor_max_shift", 0.0)
-    params = random_net(sizes, seed=batch_size)
+    net = make_net(sizes, seed=batch_size)
     X = sparse_inputs(batch_size, sizes[0], seed=batch_size)
     X[0, 0] = 0.7  # at least one non-zero input
     labels = np.arange(batch_size) % sizes[2]
-    got = numba_backend.two_layer_numerical_gradient(params, X, labels, 1e-4)
-    expected = naive.two_layer_numerical_gradient(params, X, labels)
-    for name in PARAM_NAMES:
-        assert got[name].dtype == np.float64
-        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-9)
+    got = net.numerical_gradient(X, labels)
+    expected = net.numerical_gradient(X, labels, method="naive")
+    for name, value in got.items():
+        assert value.dtype == np.float64
+        np.testing.assert_allclose(value, expected[name], rtol=0, atol=1e-9)
 
 
 def test_large_shift_takes_the_exact_path_and_still_matches(numba_backend):
     # x ~ 50 makes h * x far from tiny: the expansion's guard must refuse it.
-    params = random_net((5, 3, 3), scale=0.3)
+    net = make_net((5, 3, 3), scale=0.3)
     X = 50.0 * sparse_inputs(4, 5, seed=7)
     X[:, 0] = 40.0
     labels = np.array([0, 1, 2, 0])
-    got = numba_backend.two_layer_numerical_gradient(params, X, labels, 1e-4)
-    expected = naive.two_layer_numerical_gradient(params, X, labels)
-    for name in PARAM_NAMES:
-        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-9)
+    got = net.numerical_gradient(X, labels)
+    expected = net.numerical_gradient(X, labels, method="naive")
+    for name, value in got.items():
+        np.testing.assert_allclose(value, expected[name], rtol=0, atol=1e-9)
+
+
+NUMERICAL_CASES = {
+    "depth-1": ((7, 3), "relu", 0.0),
+    "depth-2-relu": ((9, 6, 4), "relu", 0.0),
+    "depth-2-tanh-decay": ((9, 6, 4), "tanh", 0.1),
+    "depth-2-sigmoid-decay": ((9, 6, 4), "sigmoid", 0.1),
+    "depth-3-sigmoid": ((11, 5, 4, 3), "sigmoid", 0.0),
+    "depth-3-identity": ((6, 5, 4, 3), "identity", 0.0),
+    "depth-3-relu-decay": ((13, 8, 7, 3), "relu", 0.05),
+    "depth-4-relu": ((10, 9, 1, 6, 4), "relu", 0.0),
+    "depth-4-tanh": ((5, 4, 3, 3, 2), "tanh", 0.02),
+}
+
+
+@pytest.mark.parametrize("batch_size", [1, 6])
+@pytest.mark.parametrize("case", list(NUMERICAL_CASES))
+def test_numerical_gradient_of_any_net_equals_the_naive_loop(numba_backend, case, batch_size):
+    sizes, activation, decay = NUMERICAL_CASES[case]
+    net = make_net(sizes, activation, decay=decay, scale=0.7, seed=batch_size)
+    X = sparse_inputs(batch_size, sizes[0], seed=batch_size)
+    X[0, 1] = 0.6  # at least one non-zero input
+    labels = np.arange(batch_size) % sizes[-1]
+    got = net.numerical_gradient(X, labels)
+    expected = net.numerical_gradient(X, labels, method="naive")
+    for name, value in got.items():
+        assert value.dtype == np.float64 and value.shape == net.params[name].shape
+        np.testing.assert_allclose(value, expected[name], rtol=0, atol=1e-9, err_msg=name)
+
+
+def test_numerical_gradient_of_a_float32_net_is_computed_in_float64(numba_backend):
+    net = make_net((8, 5, 4, 3), "relu", np.float32, scale=0.6)
+    X = sparse_inputs(5, 8, np.float32)
+    X[0, 0] = 0.5
+    labels = np.arange(5) % 3
+    got = numba_backend.network_numerical_gradient(net.network(), X, labels, 1e-4)
+    expected = net.numerical_gradient_float64(X, labels, "naive")
+    for (grad_W, grad_b), layer in zip(got, range(1, 4), strict=True):
+        assert grad_W.dtype == grad_b.dtype == np.float64
+        np.testing.assert_allclose(grad_W, expected[f"W{layer}"], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(grad_b, expected[f"b{layer}"], rtol=0, atol=1e-9)
+
+
+def test_relu_units_at_or_near_zero_match_the_naive_loop(numba_backend):
+    # Pre-activations at exactly 0 and within h * x of it: a perturbation
+    # moves the ReLU across its kink, which only the exact recomputation of
+    # the moved column gets right (and the naive loop does).
+    net = make_net((3, 4, 3, 2), "relu", scale=0.5)
+    X = np.array([[0.5, 0.0, 0.25], [0.0, 1.0, 0.5]])
+    net.params["W1"][:, 0] = [0.25, 0.5, 0.0]
+    net.params["b1"][0] = -0.125  # sample 0: exactly 0
+    net.params["W1"][:, 1] = [0.5, 0.0, 0.5]
+    net.params["b1"][1] = -0.375 + 3e-5  # sample 0: 3e-5, within h * 0.5
+    labels = np.array([1, 0])
+    pre = X @ net.params["W1"] + net.params["b1"]
+    assert pre[0, 0] == 0.0 and 0 < pre[0, 1] < 1e-4 * 0.5
+    got = net.numerical_gradient(X, labels)
+    expected = net.numerical_gradient(X, labels, method="naive")
+    for name, value in got.items():
+        np.testing.assert_allclose(value, expected[name], rtol=0, atol=1e-9, err_msg=name)
+
+
+def test_large_steps_leave_the_series_and_still_match(numba_backend):
+    # h = 0.05 moves the logits by far more than the expm1/log1p series
+    # cover, so the kernel calls libm's; the differences are the naive loop's.
+    from fastgrad.backends.numba.network_numerical import SERIES_BELOW
+
+    net = make_net((6, 5, 4, 3), "tanh", scale=1.0)
+    X = sparse_inputs(4, 6, seed=3) + 0.5
+    labels = np.array([0, 1, 2, 0])
+    assert 0.05 * X.max() > SERIES_BELOW
+    got = net.numerical_gradient(X, labels, h=0.05)
+    expected = net.numerical_gradient(X, labels, method="naive", h=0.05)
+    for name, value in got.items():
+        np.testing.assert_allclose(value, expected[name], rtol=0, atol=1e-9, err_msg=name)
+
+
+def test_numerical_gradient_of_sparse_rows_equals_that_of_dense_x(numba_backend):
+    network = make_net((10, 6, 5, 3), "relu").network()
+    X = sparse_inputs(7, 10)
+    labels = np.arange(7) % 3
+    dense = numba_backend.network_numerical_gradient(network, X, labels, 1e-4)
+    listed = numba_backend.network_numerical_gradient(
+        network, numba_backend.sparse_rows(X), labels, 1e-4
+    )
+    for (dense_W, dense_b), (listed_W, listed_b) in zip(dense, listed, strict=True):
+        np.testing.assert_array_equal(listed_W, dense_W)
+        np.testing.assert_array_equal(listed_b, dense_b)

@@ -11,7 +11,7 @@ import pytest
 
 numba = pytest.importorskip("numba", reason="numba is not installed: pip install 'fastgrad[numba]'")
 
-from fastgrad.backends._numba_math import (  # noqa: E402
+from fastgrad.backends.numba.vector_math import (  # noqa: E402
     exp_nonpositive,
     exp_nonpositive_32,
     sigmoid,
@@ -126,8 +126,8 @@ def test_sigmoid_in_own_precision_picks_by_dtype(dtype):
     np.testing.assert_array_equal(got, reference)
 
 
-@pytest.mark.parametrize("module_name", ["_numba_math", "_numba_simd"])
+@pytest.mark.parametrize("module_name", ["vector_math", "simd"])
 def test_docstring_examples(module_name):
-    module = importlib.import_module(f"fastgrad.backends.{module_name}")
+    module = importlib.import_module(f"fastgrad.backends.numba.{module_name}")
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

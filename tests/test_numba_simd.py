@@ -14,7 +14,7 @@ import pytest
 
 numba = pytest.importorskip("numba", reason="numba is not installed: pip install 'fastgrad[numba]'")
 
-from fastgrad.backends._numba_simd import gather_rows, scatter_rows  # noqa: E402
+from fastgrad.backends.numba.simd import gather_rows, scatter_rows  # noqa: E402
 
 pytestmark = pytest.mark.jit
 

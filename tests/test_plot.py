@@ -52,6 +52,30 @@ def test_figures_write_png(tmp_path, draw):
     assert content.startswith(PNG_SIGNATURE) and len(content) > 5_000
 
 
+@pytest.mark.parametrize(
+    ("config", "title"),
+    [
+        (
+            {"model": "MultiLayerNet", "layer_sizes": [784, 100, 100, 10], "activation": "relu",
+             "weight_decay_lambda": 0.01, "backend": "numba", "dtype": "float32", "lr": 0.1,
+             "batch_size": 100},
+            "MultiLayerNet 784-100-100-10 relu, weight decay 0.01, numba, float32, lr 0.1, "
+            "batch 100",
+        ),
+        (
+            # a history written before the net's class and activation were recorded
+            {"layer_sizes": [784, 50, 10], "backend": "numpy", "dtype": "float64", "lr": 0.1,
+             "batch_size": 100},
+            "network 784-50-10, numpy, float64, lr 0.1, batch 100",
+        ),
+    ],
+    ids=["deep", "old-history"],
+)
+def test_history_title_names_the_network(config, title):
+    run = TrainingHistory(losses=[2.3, 1.0], epochs=[EpochRecord(1.0, 2, 0.5, 0.5)], config=config)
+    assert plot.plot_history(run).get_suptitle() == title
+
+
 def test_figures_without_a_path_write_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     plot.plot_tangent_lines()

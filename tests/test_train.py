@@ -75,6 +75,56 @@ def test_numerical_gradient_training_matches_backprop(backend):
     assert histories["numerical"].losses[-1] < histories["numerical"].losses[0]
 
 
+def test_a_deep_relu_net_learns_on_the_embedded_subset(backend, mini):
+    net = fastgrad.MultiLayerNet(
+        784, [50, 30], 10, "relu", weight_decay_lambda=1e-4, seed=0, backend=backend
+    )
+    history = train(net, mini, iters=300, batch_size=100, lr=0.1, seed=0)
+    assert len(history.losses) == 300
+    assert np.mean(history.losses[:10]) > 1.8 > 0.5 > np.mean(history.losses[-20:])
+    assert history.final.test_acc > 0.8 and history.final.train_acc > 0.8  # chance: 0.1
+    assert history.config["layer_sizes"] == [784, 50, 30, 10]
+    assert history.config["activation"] == "relu"
+    assert history.config["weight_decay_lambda"] == 1e-4
+    assert history.config["backend"] == backend.name and history.config["dtype"] == "float64"
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_deep_net_numerical_training_matches_backprop(backend, activation):
+    data = tiny_data()
+    histories = {}
+    for method in ("backprop", "numerical"):
+        net = fastgrad.MultiLayerNet(
+            6,
+            [5, 4],
+            3,
+            activation,
+            weight_init_std=0.5,
+            weight_decay_lambda=0.01,
+            seed=1,
+            backend=backend,
+        )
+        histories[method] = train(
+            net, data, iters=8, batch_size=10, lr=0.5, gradient=method, seed=2
+        )
+    np.testing.assert_allclose(
+        histories["numerical"].losses, histories["backprop"].losses, atol=1e-7
+    )
+    assert histories["numerical"].losses[-1] < histories["numerical"].losses[0]
+
+
+def test_deep_net_numerical_naive_agrees_with_numerical():
+    data = tiny_data()
+
+    def run(gradient):
+        net = fastgrad.MultiLayerNet(6, [4, 3], 3, "sigmoid", weight_decay_lambda=0.1, seed=1)
+        return train(net, data, iters=3, batch_size=10, lr=0.5, gradient=gradient, seed=2)
+
+    with pytest.warns(SlowPathWarning, match="numerical-naive"):
+        naive = run("numerical-naive")
+    np.testing.assert_allclose(naive.losses, run("numerical").losses, atol=1e-9)
+
+
 def test_numerical_naive_warns_and_agrees():
     data = tiny_data()
     net = fastgrad.TwoLayerNet(6, 4, 3, weight_init_std=0.5, seed=1)

@@ -52,13 +52,24 @@ class _Spec:
 
 _SPECS: dict[str, _Spec] = {
     "numpy": _Spec("fastgrad.backends.numpy_", "NumpyBackend", "numpy", None),
-    "numba": _Spec("fastgrad.backends.numba_", "NumbaBackend", "numba", "numba"),
-    "cupy": _Spec("fastgrad.backends.cupy_", "CupyBackend", "cupy", "cuda12x"),
+    "numba": _Spec("fastgrad.backends.numba", "NumbaBackend", "numba", "numba"),
+    "cupy": _Spec("fastgrad.backends.cupy", "CupyBackend", "cupy", "cuda12x"),
 }
 
 _instances: dict[str, Backend] = {}
 _instances_lock = threading.Lock()
-_context_choice: ContextVar[str | None] = ContextVar("fastgrad_backend", default=None)
+
+
+@dataclass(eq=False)
+class _Choice:
+    """One ``use_backend`` block: its backend, the choice it shadows, and whether it is open."""
+
+    name: str
+    previous: _Choice | None
+    open: bool = True
+
+
+_context_choice: ContextVar[_Choice | None] = ContextVar("fastgrad_backend", default=None)
 _process_choice: str | None = None
 
 
@@ -145,7 +156,16 @@ def set_backend(name: BackendLike) -> None:
 def use_backend(name: BackendLike) -> Iterator[Backend]:
     """Run a block with ``name`` as the default backend of this thread/context.
 
-    The previous choice is restored on exit, also when the block raises.
+    The previous choice is restored on exit, also when the block raises. The
+    choice ends when the block exits, wherever that happens: a generator
+    holding the block that is closed from another thread or context, or
+    after its caller opened blocks of its own, leaves no choice behind.
+
+    A block inside a generator is, as for every context variable (and
+    ``decimal.localcontext``), in force in the code that iterates the
+    generator while the generator is suspended inside the block: Python
+    gives generators no context of their own. Enter the block around the
+    code that needs it rather than around a ``yield``.
 
     Examples
     --------
@@ -155,11 +175,27 @@ def use_backend(name: BackendLike) -> Iterator[Backend]:
     'numpy'
     """
     backend = get_backend(name)
-    token = _context_choice.set(backend.name)
+    choice = _Choice(backend.name, _context_choice.get())
+    token = _context_choice.set(choice)
     try:
         yield backend
     finally:
-        _context_choice.reset(token)
+        # Closed first, so that a context still pointing at this block (one it
+        # cannot reset from here) skips it from now on.
+        choice.open = False
+        if _context_choice.get() is choice:
+            try:
+                _context_choice.reset(token)
+            except ValueError:  # exited in a copy of the context it was entered in
+                _context_choice.set(choice.previous)
+
+
+def _block_choice() -> str | None:
+    """The backend of the innermost open ``use_backend`` block of this context, if any."""
+    choice = _context_choice.get()
+    while choice is not None and not choice.open:
+        choice = choice.previous
+    return None if choice is None else choice.name
 
 
 def available_backends() -> list[str]:
@@ -226,7 +262,7 @@ def resolve_backend(explicit: BackendLike, *arrays: Any) -> Backend:
     family = backend_of(*arrays)
     chosen: BackendLike = explicit
     if chosen is None:
-        chosen = _context_choice.get() or _process_choice or family
+        chosen = _block_choice() or _process_choice or family
     backend = get_backend(chosen)
     foreign = [a for a in arrays if hasattr(a, "shape") and not backend.is_native(a)]
     if (
@@ -244,7 +280,7 @@ def resolve_backend(explicit: BackendLike, *arrays: Any) -> Backend:
 
 
 def _default_name() -> str:
-    choice = _context_choice.get() or _process_choice
+    choice = _block_choice() or _process_choice
     if choice is not None:
         return choice
     from_env = os.environ.get(ENV_VARIABLE, "").strip()

@@ -1,10 +1,11 @@
 """The backend interface: every kernel of fastgrad, written once against ``xp``.
 
-A backend is an array namespace (``numpy``, ``cupy``) plus the kernels the
-chapter needs. The kernels here use only ``self.xp`` so that any NumPy-like
-namespace runs them correctly; the Numba and CuPy backends subclass
-:class:`Backend` and override only their hot paths (the Thinc pattern), calling
-``super()`` for the rest.
+A backend is an array namespace (``numpy``, ``cupy``) plus layer primitives:
+affine and activation forward/backward pairs, softmax cross-entropy, the SGD
+update, and the numerical gradient of a whole network. The kernels here use
+only ``self.xp`` so that any NumPy-like namespace runs them correctly; the
+Numba and CuPy backends subclass :class:`Backend` and override only their hot
+paths (the Thinc pattern), calling ``super()`` for the rest.
 
 Kernels trust their inputs: shapes, dtypes and label ranges are checked once
 at the public API (``fastgrad.functions``, ``fastgrad.models``), never in the
@@ -15,7 +16,9 @@ GPU backend does not have to synchronise for a value nobody asked for.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -24,10 +27,8 @@ import numpy as np
 Array = Any
 """An array of the backend's own type (``numpy.ndarray``, ``cupy.ndarray``)."""
 
-Params = dict[str, Array]
-"""TwoLayerNet parameters: ``W1 (D, H)``, ``b1 (H,)``, ``W2 (H, C)``, ``b2 (C,)``."""
-
-PARAM_NAMES = ("W1", "b1", "W2", "b2")
+ACTIVATIONS = ("sigmoid", "relu", "tanh", "identity")
+"""The hidden-layer activations every backend implements."""
 
 # The book's guard against log(0) in cross_entropy_error; kept for its values.
 BOOK_LOG_GUARD = 1e-7
@@ -36,6 +37,79 @@ BOOK_LOG_GUARD = 1e-7
 # may take. Large enough that the chapter's net runs in a handful of chunks,
 # small enough for a laptop or a busy GPU.
 CHUNK_BUDGET_BYTES = 64 * 2**20
+
+# How often, at most, the black-box loop compares all of x with its snapshot.
+_SNAPSHOT_COMPARES = 256
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Network:
+    """What a backend kernel knows of a multilayer net: its arrays and its rule.
+
+    Layer ``l`` computes ``A_l = H_{l-1} @ weights[l] + biases[l]``, then
+    ``H_l = activation(A_l)`` for every layer but the last, whose ``A_L`` are
+    the logits of a softmax cross-entropy loss, plus
+    ``0.5 * weight_decay * sum(W**2)`` over every weight matrix. The arrays
+    are the model's own (not copies): kernels that update them do so in place.
+    Only models build these; nothing below a model knows parameter names.
+    """
+
+    weights: tuple[Array, ...]
+    biases: tuple[Array, ...]
+    activation: str
+    weight_decay: float = 0.0
+
+    @property
+    def depth(self) -> int:
+        return len(self.weights)
+
+    @property
+    def arrays(self) -> tuple[Array, ...]:
+        """``W_1, b_1, ..., W_L, b_L``: the order of gradients and updates."""
+        return tuple(a for pair in zip(self.weights, self.biases, strict=True) for a in pair)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SparseRows:
+    """A batch or training set together with its non-zeros, row by row (CSR).
+
+    Row ``n`` of ``dense`` has its non-zeros at
+    ``columns/values[starts[n]:starts[n + 1]]``. Made by
+    :meth:`Backend.sparse_rows`; :meth:`Backend.affine_forward` and
+    :meth:`Backend.affine_backward` accept it wherever they accept a dense
+    input, and a backend may then skip the zeros (MNIST is ~81 % zeros).
+
+    Examples
+    --------
+    >>> import numpy as np, fastgrad
+    >>> rows = fastgrad.get_backend("numpy").sparse_rows(np.array([[0.0, 0.5], [0.25, 0.0]]))
+    >>> rows.starts.tolist(), rows.columns.tolist(), rows.values.tolist()
+    ([0, 1, 2], [1, 0], [0.5, 0.25])
+    """
+
+    dense: Array
+    starts: Array
+    columns: Array
+    values: Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.dense.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.dense.dtype)
+
+
+def check_activation(activation: str) -> str:
+    """``activation`` if it is one of :data:`ACTIVATIONS`, else a clear ``ValueError``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation
+
+
+def _dense(X: Any) -> Any:
+    return X.dense if isinstance(X, SparseRows) else X
 
 
 class Backend:
@@ -142,6 +216,9 @@ class Backend:
     def relu(self, X: Array) -> Array:
         return self.xp.maximum(X, 0)
 
+    def tanh(self, X: Array) -> Array:
+        return self.xp.tanh(X)
+
     def identity(self, X: Array) -> Array:
         return X
 
@@ -197,172 +274,184 @@ class Backend:
         dlogits = p * xp.sum(T, axis=-1, keepdims=True) - T
         return loss, dlogits / batch_size
 
-    # -------------------------------------------------------------- two-layer net
-    # params holds W1 (D, H), b1 (H,), W2 (H, C), b2 (C,); labels are (N,) ints.
-    def two_layer_logits(self, params: Params, X: Array) -> Array:
-        hidden = self.sigmoid(X @ params["W1"] + params["b1"])
-        return hidden @ params["W2"] + params["b2"]
+    # -------------------------------------------------------- layer primitives
+    # Forward/backward pairs share their argument names: X is a layer's input,
+    # Y its output, dY the loss gradient with respect to Y and dX with respect
+    # to X. A network is these primitives composed (fastgrad.models), so every
+    # depth and activation runs on every backend.
+    def affine_forward(self, X: Array | SparseRows, W: Array, b: Array) -> Array:
+        """``Y = X @ W + b``; ``X`` may be :class:`SparseRows` (a first layer's input)."""
+        return _dense(X) @ W + b
 
-    def two_layer_loss(self, params: Params, X: Array, labels: Array) -> Array:
-        return self.softmax_cross_entropy(self.two_layer_logits(params, X), labels)
+    def affine_backward(
+        self, dY: Array, X: Array | SparseRows, W: Array, need_dX: bool = True
+    ) -> tuple[Array | None, Array, Array]:
+        """``(dX, dW, db)`` of :meth:`affine_forward`; ``dX`` is None unless ``need_dX``.
 
-    def two_layer_accuracy(self, params: Params, X: Array, labels: Array) -> Array:
-        predicted = self.xp.argmax(self.two_layer_logits(params, X), axis=1)
-        return self.xp.mean(predicted == labels)
+        A first layer needs no ``dX`` (nothing lies below it), which saves the
+        largest matrix product of its backward pass.
+        """
+        dX = dY @ W.T if need_dX else None
+        return dX, _dense(X).T @ dY, dY.sum(axis=0)
 
-    def two_layer_gradient(self, params: Params, X: Array, labels: Array) -> tuple[Array, Params]:
-        """Backpropagation: the loss and the gradient of every parameter."""
-        W2 = params["W2"]
-        hidden = self.sigmoid(X @ params["W1"] + params["b1"])
-        logits = hidden @ W2 + params["b2"]
-        loss, dlogits = self.softmax_cross_entropy_with_grad(logits, labels)
-        dhidden_pre = (dlogits @ W2.T) * hidden * (1.0 - hidden)
-        grads = {
-            "W1": X.T @ dhidden_pre,
-            "b1": dhidden_pre.sum(axis=0),
-            "W2": hidden.T @ dlogits,
-            "b2": dlogits.sum(axis=0),
-        }
-        return loss, grads
+    def activation_forward(self, X: Array, activation: str) -> Array:
+        """``Y = activation(X)`` for one of :data:`ACTIVATIONS`."""
+        return getattr(self, check_activation(activation))(X)
 
-    def two_layer_sgd_step(self, params: Params, X: Array, labels: Array, lr: float) -> Array:
-        """One SGD iteration, updating ``params`` in place; returns the batch loss."""
-        loss, grads = self.two_layer_gradient(params, X, labels)
-        for name in PARAM_NAMES:
-            params[name] -= lr * grads[name]
-        return loss
+    def activation_backward(self, dY: Array, X: Array, Y: Array, activation: str) -> Array:
+        """``dX`` of :meth:`activation_forward`, from its input ``X`` and output ``Y``.
 
-    def training_inputs(self, X: Array) -> Any:
-        """``X`` in the form ``two_layer_sgd_steps`` reads fastest, made once per training run.
+        ReLU's derivative at exactly 0 is taken as 0 (the book's ``x <= 0`` mask).
+        """
+        kind = check_activation(activation)
+        if kind == "sigmoid":
+            return dY * (1.0 - Y) * Y
+        if kind == "relu":
+            return dY * (X > 0)
+        if kind == "tanh":
+            return dY * (1.0 - Y * Y)
+        return dY
 
-        The reference returns ``X`` itself; the Numba backend lists its
-        non-zeros once (``SparseRows``), so that a loop calling
-        ``two_layer_sgd_steps`` every epoch does not redo that work. Pass the
-        result as ``X`` to ``two_layer_sgd_steps`` only; it is a snapshot of
-        ``X``.
+    def sgd_update(self, arrays: Sequence[Array], grads: Sequence[Array], lr: float) -> None:
+        """``array -= lr * grad`` in place for each pair, in the array's own dtype."""
+        for array, grad in zip(arrays, grads, strict=True):
+            array -= (lr * grad).astype(array.dtype, copy=False)
+
+    def sparse_rows(self, X: Array) -> SparseRows:
+        """``X`` with the non-zeros of each row listed (CSR), for :meth:`affine_forward`."""
+        xp = self.xp
+        nonzero = X != 0
+        starts = xp.zeros(X.shape[0] + 1, dtype=xp.intp)
+        starts[1:] = xp.cumsum(nonzero.sum(axis=1))
+        rows, columns = xp.nonzero(nonzero)
+        return SparseRows(X, starts, columns.astype(xp.intp), X[rows, columns])
+
+    def training_inputs(self, X: Array) -> Array | SparseRows:
+        """``X`` in the form this backend's training steps read fastest, made once per run.
+
+        The reference returns ``X`` itself; a backend whose kernels skip zero
+        inputs returns :meth:`sparse_rows` of it, so that a loop calling the
+        steps every epoch does not list the non-zeros again. The result is a
+        snapshot of ``X``.
         """
         return X
 
-    def two_layer_sgd_steps(
+    def fused_sgd_steps(
         self,
-        params: Params,
-        X: Array,
+        network: Network,
+        X: Array | SparseRows,
         labels: Array,
         batch_indices: Array,
         lr: float,
-        gradient: str = "backprop",
-    ) -> Array:
-        """Run ``len(batch_indices)`` SGD steps; step ``s`` trains on rows ``batch_indices[s]``.
+        gradient: str,
+    ) -> Array | None:
+        """Many SGD steps of ``network`` in one call, or None where no fused path serves it.
 
-        ``X`` and ``labels`` are the whole training set on this backend and
-        ``batch_indices`` an integer ``(steps, batch_size)`` array, so a backend
-        can run many steps in one compiled call, or without leaving the device.
-        ``gradient`` is ``"backprop"`` or ``"numerical"`` (the fast central
-        differences). Updates ``params`` in place; returns the ``(steps,)``
-        batch losses, each measured before its step's update.
+        An override for the networks a backend has a whole-step kernel for
+        (the Numba backend's chapter net); the model runs its own loop of
+        primitives when this returns None. Arguments as
+        :meth:`fastgrad.MultiLayerNet.sgd_steps`; updates the arrays of
+        ``network`` in place and returns the ``(steps,)`` float64 batch losses.
+        The conformance suite checks every override against the primitive loop.
         """
-        losses = self.xp.empty(batch_indices.shape[0], dtype=np.float64)
-        for step in range(batch_indices.shape[0]):
-            rows = batch_indices[step]
-            X_batch, labels_batch = X[rows], labels[rows]
-            if gradient == "backprop":
-                losses[step] = self.two_layer_sgd_step(params, X_batch, labels_batch, lr)
-                continue
-            losses[step] = self.two_layer_loss(params, X_batch, labels_batch)
-            grads = self.two_layer_numerical_gradient(params, X_batch, labels_batch, 1e-4)
-            for name in PARAM_NAMES:
-                params[name] -= (lr * grads[name]).astype(params[name].dtype, copy=False)
-        return losses
+        return None
 
-    def two_layer_numerical_gradient(
-        self, params: Params, X: Array, labels: Array, h: float
-    ) -> Params:
-        """Central differences (L(θ + h·e_i) - L(θ - h·e_i)) / 2h for every parameter.
+    def network_numerical_gradient(
+        self, network: Network, X: Array | SparseRows, labels: Array, h: float
+    ) -> list[tuple[Array, Array]]:
+        """Central differences ``(L(θ + h·e_i) - L(θ - h·e_i)) / 2h`` of every parameter.
 
-        The same quantity the book's per-element loop computes, without
-        re-running the whole forward pass per parameter:
+        The same differences as the book's per-element loop, without a whole
+        forward pass per parameter. With ``A_l = H_{l-1} W_l + b_l`` (``H_0 =
+        X``) and ``H_l = act(A_l)``:
 
-        * moving ``W2[j, k]`` or ``b2[k]`` shifts only logit column ``k``, by
-          ``±h·z[:, j]`` (or ``±h``);
-        * moving ``W1[i, j]`` or ``b1[j]`` changes only hidden unit ``j``, and
-          only for samples whose input ``x[n, i]`` is non-zero (most MNIST
-          pixels are zero).
+        * moving ``W_l[i, j]`` by ``±h`` moves only column ``j`` of ``A_l``,
+          by ``±h·H_{l-1}[n, i]``, and so only samples whose ``H_{l-1}[n, i]``
+          is non-zero (most MNIST pixels are zero); moving ``b_l[j]`` moves
+          the same column by ``±h`` in every sample;
+        * from that column, layers ``l+1..L`` are recomputed exactly for the
+          moved samples (the activation of the moved pre-activation is
+          evaluated, so a ReLU whose input crosses zero within the step gives
+          the naive loop's value): ``ΔH_l = act(A_l + δ) - H_l`` in column
+          ``j``, then ``ΔA_{m+1} = (act(A_m + ΔA_m) - H_m) @ W_{m+1}``;
+        * a sample whose logits move by ``d`` changes its loss by
+          ``log(sum_c p_c·exp(d_c)) - d_label`` = ``log1p(sum_c p_c·expm1(d_c))
+          - d_label``: the difference is formed from the small change itself,
+          not lost to cancellation against the loss.
 
-        For a sample whose logits move by ``d``, its loss moves by
-        ``log(sum_c p_c·exp(d_c)) - d_label`` = ``log1p(sum_c p_c·expm1(d_c)) -
-        d_label``: the loss *difference* is formed directly from the small
-        change, so it is not lost to cancellation against the loss itself.
-        Everything runs in float64 whatever the parameters' dtype (h = 1e-4 is
-        too coarse for float32); the result comes back in float64.
+        The weight-decay term ``0.5·λ·sum(W**2)`` has the central difference
+        ``λ·W`` exactly, which is added. Everything runs in float64 (``h =
+        1e-4`` is too coarse for float32); returns float64 ``(dW, db)`` per layer.
         """
         xp = self.xp
         f64 = np.float64
-        W1, b1, W2, b2 = (xp.asarray(params[name], dtype=f64) for name in PARAM_NAMES)
-        X = xp.asarray(X, dtype=f64)
-        batch_size = X.shape[0]
-        pre_hidden = X @ W1 + b1
-        hidden = self.sigmoid(pre_hidden)
-        probabilities = self.softmax(hidden @ W2 + b2)
-        label_weights = W2[:, labels].T  # (N, H): W2[j, label_n]
-        label_onehot = xp.zeros_like(probabilities)
-        label_onehot[xp.arange(batch_size), labels] = 1.0
+        weights = [xp.asarray(W, dtype=f64) for W in network.weights]
+        biases = [xp.asarray(b, dtype=f64) for b in network.biases]
+        X = xp.asarray(_dense(X), dtype=f64)
+        batch_size, depth = X.shape[0], len(weights)
+        inputs, pre = [X], []  # H_0..H_{L-1} and A_1..A_L, 0-indexed by layer
+        for layer in range(depth):
+            pre.append(inputs[layer] @ weights[layer] + biases[layer])
+            if layer < depth - 1:
+                inputs.append(self.activation_forward(pre[layer], network.activation))
+        probabilities = self.softmax(pre[-1])
+        onehot = xp.zeros_like(probabilities)
+        onehot[xp.arange(batch_size), labels] = 1.0
+
+        def column_diffs(layer: int, samples: Array, step: Array) -> Array:
+            """Loss changes when column j of A_layer[samples] moves by step, for every j.
+
+            samples: (K,), step: (K, 1) signed shift; returns (K, width of layer).
+            """
+            if layer == depth - 1:
+                p = probabilities[samples]
+                return xp.log1p(p * xp.expm1(step)) - step * onehot[samples]
+            moved = self.activation_forward(pre[layer][samples] + step, network.activation)
+            change = moved - inputs[layer + 1][samples]  # (K, J)
+            count, width = change.shape
+            shift = (change[:, :, None] * weights[layer + 1][None, :, :]).reshape(count * width, -1)
+            repeated = xp.repeat(samples, width)
+            for later in range(layer + 1, depth - 1):
+                moved = self.activation_forward(pre[later][repeated] + shift, network.activation)
+                shift = (moved - inputs[later + 1][repeated]) @ weights[later + 1]
+            p = probabilities[repeated]
+            change_of_loss = xp.log1p(xp.sum(p * xp.expm1(shift), axis=-1))
+            change_of_loss -= xp.sum(shift * onehot[repeated], axis=-1)
+            return change_of_loss.reshape(count, width)
+
+        def central(layer: int, samples: Array, step: Array) -> Array:
+            return column_diffs(layer, samples, step) - column_diffs(layer, samples, -step)
+
         scale = 1.0 / (2.0 * h * batch_size)
-
-        def output_layer_diff(step: Array) -> Array:
-            # step: (N, J) logit shifts for column k of every (j, k); -> (J, C) sums
-            up = xp.log1p(probabilities[:, None, :] * xp.expm1(step[:, :, None]))
-            down = xp.log1p(probabilities[:, None, :] * xp.expm1(-step[:, :, None]))
-            diff = up - down - 2.0 * step[:, :, None] * label_onehot[:, None, :]
-            return diff.sum(axis=0)
-
-        grad_W2 = xp.empty_like(W2)
-        rows_per_chunk = self._rows_per_chunk(batch_size * W2.shape[1] * 4)
-        for start in range(0, W2.shape[0], rows_per_chunk):
-            stop = min(start + rows_per_chunk, W2.shape[0])
-            grad_W2[start:stop] = output_layer_diff(h * hidden[:, start:stop])
-        grad_b2 = output_layer_diff(xp.full((batch_size, 1), h))[0]
-
-        def hidden_layer_diff(samples: Array, step: Array) -> Array:
-            # samples: (E,) sample of each entry; step: (E, 1) or (E, H) input shift
-            base_pre = pre_hidden[samples]
-            base_hidden = hidden[samples]
-            p = probabilities[samples][:, None, :]
-            out = []
-            for sign in (1.0, -1.0):
-                change = self.sigmoid(base_pre + sign * step) - base_hidden  # (E, H)
-                logit_shift = change[:, :, None] * W2[None, :, :]  # (E, H, C)
-                moved = xp.log1p(xp.sum(p * xp.expm1(logit_shift), axis=-1))
-                out.append(moved - change * label_weights[samples])
-            return out[0] - out[1]
-
-        hidden_size = W1.shape[1]
-        entry_cost = hidden_size * W2.shape[1] * 6
-        grad_b1 = xp.zeros_like(b1)
         all_samples = xp.arange(batch_size)
-        per_chunk = self._rows_per_chunk(entry_cost)
-        for start in range(0, batch_size, per_chunk):
-            samples = all_samples[start : start + per_chunk]
-            grad_b1 += hidden_layer_diff(samples, xp.full((samples.shape[0], 1), h)).sum(axis=0)
-
-        grad_W1 = xp.zeros_like(W1)
-        nonzero_per_feature = self.to_numpy((X != 0).sum(axis=0))
-        for first, last in _chunk_bounds(nonzero_per_feature, self._rows_per_chunk(entry_cost)):
-            block = X[:, first:last].T  # (F, N): entries come out grouped by feature
-            feature, samples = xp.nonzero(block)
-            if feature.shape[0] == 0:
-                continue
-            diff = hidden_layer_diff(samples, h * block[feature, samples][:, None])
-            # Sum entries per feature with a 0/1 matrix product: exact, and
-            # available in every array namespace (unlike ufunc.at/reduceat).
-            membership = (xp.arange(last - first)[:, None] == feature[None, :]).astype(f64)
-            grad_W1[first:last] = membership @ diff
-
-        return {
-            "W1": grad_W1 * scale,
-            "b1": grad_b1 * scale,
-            "W2": grad_W2 * scale,
-            "b2": grad_b2 * scale,
-        }
+        result = []
+        for layer in range(depth):
+            width = weights[layer].shape[1]
+            downstream = sum(int(W.shape[1]) for W in weights[layer + 1 :]) or 1
+            per_chunk = self._rows_per_chunk(6 * width * downstream)
+            grad_b = xp.zeros(width, dtype=f64)
+            for start in range(0, batch_size, per_chunk):
+                samples = all_samples[start : start + per_chunk]
+                step = xp.full((samples.shape[0], 1), h)
+                grad_b += central(layer, samples, step).sum(axis=0)
+            below = inputs[layer]
+            grad_W = xp.zeros_like(weights[layer])
+            nonzero_per_feature = self.to_numpy((below != 0).sum(axis=0))
+            for first, last in _chunk_bounds(nonzero_per_feature, per_chunk):
+                block = below[:, first:last].T  # (F, N): entries come out grouped by feature
+                feature, samples = xp.nonzero(block)
+                if feature.shape[0] == 0:
+                    continue
+                diffs = central(layer, samples, h * block[feature, samples][:, None])
+                # Sum entries per feature with a 0/1 matrix product: exact, and
+                # available in every array namespace (unlike ufunc.at/reduceat).
+                membership = (xp.arange(last - first)[:, None] == feature[None, :]).astype(f64)
+                grad_W[first:last] = membership @ diffs
+            grad_W *= scale
+            if network.weight_decay:
+                grad_W += network.weight_decay * weights[layer]
+            result.append((grad_W, grad_b * scale))
+        return result
 
     # ----------------------------------------------- black-box numerical gradients
     def numerical_gradient(
@@ -370,24 +459,50 @@ class Backend:
     ) -> Array:
         """The book's loop: perturb ``x`` in place one element at a time.
 
-        ``x`` is restored after every element, and also when ``f`` raises.
+        ``x`` is restored after every element, and to the caller's values when
+        ``f`` raises. An ``f`` that writes to ``x`` itself is an error
+        (``RuntimeError``), not a gradient of a moving target: after every
+        evaluation the perturbed element must still hold its perturbed value,
+        and every ``ceil(x.size / 256)`` elements the whole of ``x`` is
+        compared with a snapshot, so the comparisons cost at most 256 passes
+        over ``x`` in all, next to the ``2 * x.size`` calls of ``f``. A
+        difference quotient beyond ``x``'s dtype is a ``ValueError``.
         """
         xp = self.xp
         grad = xp.zeros(x.shape, dtype=x.dtype)
-        base_value = _scalar(f(x), "f(x)") if method == "forward" else 0.0
-        for index in np.ndindex(*x.shape):
-            original = x[index].copy()
-            try:
-                x[index] = original + h
-                plus = _scalar(f(x), "f(x + h)")
+        snapshot = x.copy()
+        size = int(np.prod(x.shape))
+        every = -(-size // _SNAPSHOT_COMPARES)
+        largest = float(np.finfo(x.dtype).max)
+        try:
+            base_value = _scalar(f(x), "f(x)") if method == "forward" else 0.0
+            if method == "forward":
+                _check_unchanged(xp, x, snapshot, "f(x)")
+            for count, index in enumerate(np.ndindex(*x.shape), start=1):
+                original = x[index].copy()
+                moved = original + h
+                x[index] = moved
+                plus = _scalar(f(x), "f(x + h)", index)
+                if x[index] != moved:
+                    _element_changed(x, index, moved, "f(x + h)")
                 if method == "central":
-                    x[index] = original - h
-                    minus = _scalar(f(x), "f(x - h)")
-                    grad[index] = (plus - minus) / (2 * h)
+                    moved = original - h
+                    x[index] = moved
+                    minus = _scalar(f(x), "f(x - h)", index)
+                    if x[index] != moved:
+                        _element_changed(x, index, moved, "f(x - h)")
+                    slope = (plus - minus) / (2 * h)
                 else:
-                    grad[index] = (plus - base_value) / h
-            finally:
+                    slope = (plus - base_value) / h
+                if not -largest <= slope <= largest:
+                    _out_of_range(slope, index, x.dtype)
+                grad[index] = slope
                 x[index] = original
+                if count % every == 0 or count == size:
+                    _check_unchanged(xp, x, snapshot, f"f at x{list(index)}")
+        except BaseException:
+            x[...] = snapshot
+            raise
         return grad
 
     def numerical_gradient_batched(
@@ -396,7 +511,10 @@ class Backend:
         """Differences of a vectorised ``f``: ``f(stack)`` maps ``(k, *x.shape) -> (k,)``.
 
         Each chunk stacks ``k`` copies of ``x``, copy ``m`` moved by ``±h`` at
-        element ``m``, so ``x`` itself is never written.
+        element ``m``, so ``x`` itself is never written. The ``-h`` stack is
+        rebuilt from ``x``, since ``f`` may have written to the ``+h`` one (its
+        own argument), and ``x`` is compared with a snapshot after each chunk:
+        an ``f`` that writes to ``x`` through a closure is a ``RuntimeError``.
         """
         xp = self.xp
         flat = x.reshape(-1)
@@ -406,9 +524,11 @@ class Backend:
             return grad.reshape(x.shape)
         if chunk_size is None:
             chunk_size = self._rows_per_chunk(max(1, size))
+        snapshot = x.copy()
         base_value = None
         if method == "forward":
-            base_value = _stack_values(f, flat[None, :], x.shape, 1)[0]
+            base_value = _stack_values(f, flat[None, :].copy(), x.shape, 1)[0]
+            _check_unchanged(xp, x, snapshot, "f")
         for start in range(0, size, chunk_size):
             stop = min(start + chunk_size, size)
             count = stop - start
@@ -416,13 +536,18 @@ class Backend:
             columns = xp.arange(start, stop)
             stack = xp.broadcast_to(flat, (count, size)).copy()
             stack[rows, columns] = flat[start:stop] + h
-            plus = _stack_values(f, stack, x.shape, count)
+            plus = _stack_values(f, stack, x.shape, count, start)
+            # Differences beyond x's dtype become inf here, refused by the caller.
             if method == "central":
+                stack[...] = flat
                 stack[rows, columns] = flat[start:stop] - h
-                minus = _stack_values(f, stack, x.shape, count)
-                grad[start:stop] = (plus - minus) / (2 * h)
+                minus = _stack_values(f, stack, x.shape, count, start)
+                with np.errstate(over="ignore"):
+                    grad[start:stop] = (plus - minus) / (2 * h)
             else:
-                grad[start:stop] = (plus - base_value) / h
+                with np.errstate(over="ignore"):
+                    grad[start:stop] = (plus - base_value) / h
+            _check_unchanged(xp, x, snapshot, f"f at elements {start}..{stop - 1}")
         return grad.reshape(x.shape)
 
     # ----------------------------------------------------------------- helpers
@@ -446,27 +571,108 @@ def _chunk_bounds(weights: np.ndarray, budget: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _scalar(value: Any, what: str) -> float:
-    """``value`` as a float, refusing arrays with more than one element and NaN."""
-    try:
+def _scalar(value: Any, what: str, index: tuple[int, ...] | None = None) -> float:
+    """``value`` as a float, refusing arrays with more than one element, complex and non-finite.
+
+    ``index`` (the perturbed element) is named in the error; it is formatted
+    only then, since this runs once per evaluation of ``f``.
+    """
+    if isinstance(value, float):
+        # Python floats and NumPy float64 scalars, the usual case: no further checks.
         result = float(value)
-    except TypeError:
-        raise TypeError(
-            f"{what} must return a scalar, got {type(value).__name__} "
-            f"with shape {getattr(value, 'shape', '?')}"
-        ) from None
-    if result != result:
-        raise ValueError(f"{what} returned NaN; a gradient of NaN values is meaningless")
+    else:
+        if isinstance(value, complex) or getattr(getattr(value, "dtype", None), "kind", "") == "c":
+            raise TypeError(
+                f"{_at(what, index)} returned a complex value; f must return a real scalar"
+            )
+        try:
+            result = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{_at(what, index)} must return a scalar, got {type(value).__name__} "
+                f"with shape {getattr(value, 'shape', '?')}"
+            ) from None
+    if not math.isfinite(result):
+        if result != result:
+            raise ValueError(
+                f"{_at(what, index)} returned NaN; a gradient of NaN values is meaningless"
+            )
+        raise ValueError(
+            f"{_at(what, index)} returned {result}; a gradient needs finite values of f"
+        )
     return result
 
 
+def _at(what: str, index: tuple[int, ...] | None) -> str:
+    return what if index is None else f"{what} at index {list(index)}"
+
+
 def _stack_values(
-    f: Callable[[Array], Any], stack: Array, shape: tuple[int, ...], count: int
+    f: Callable[[Array], Any],
+    stack: Array,
+    shape: tuple[int, ...],
+    count: int,
+    first: int | None = None,
 ) -> Array:
+    """``f(stack)`` checked: shape ``(count,)``, real, finite; a copy, never a view of ``stack``.
+
+    ``first`` is the flat index of the element the first row perturbs, for
+    the error message.
+    """
     values = f(stack.reshape((count, *shape)))
     if getattr(values, "shape", None) != (count,):
         raise ValueError(
             f"batched f must map an array of shape {(count, *shape)} to shape ({count},), "
             f"got {getattr(values, 'shape', type(values).__name__)}"
         )
-    return values
+    kind = getattr(getattr(values, "dtype", None), "kind", None)
+    if kind == "c":
+        raise TypeError("batched f returned complex values; it must return real numbers")
+    if kind not in ("i", "u", "f"):
+        raise TypeError(
+            f"batched f must return an array of numbers, got {getattr(values, 'dtype', values)}"
+        )
+    # A comparison false for NaN and ±inf alike, with methods NumPy and CuPy share.
+    finite = abs(values) <= float(np.finfo(values.dtype).max) if kind == "f" else values == values
+    if not bool(finite.all()):
+        row = int(finite.argmin())
+        where = "" if first is None else f" for the element at flat index {first + row}"
+        raise ValueError(
+            f"batched f returned {float(values[row])}{where}; a gradient needs finite values of f"
+        )
+    # A copy: f may return a view of its argument, which the next stack overwrites.
+    return values.copy()
+
+
+def _out_of_range(slope: float, index: tuple[int, ...], dtype: Any) -> None:
+    raise ValueError(
+        f"the numerical gradient is {slope:.3g} at index {list(index)}, beyond the range of "
+        f"{np.dtype(dtype).name}: its difference over 2h overflows; differentiate in float64"
+    )
+
+
+def _element_changed(x: Array, index: tuple[int, ...], moved: Any, what: str) -> None:
+    """Raise: ``f`` left another value at the element the loop had perturbed to ``moved``."""
+    if moved == moved:  # a NaN never equals itself; the loop's callers refuse NaN anyway
+        raise RuntimeError(
+            f"{what} changed x: x{list(index)} holds {float(x[index])} after the call, but "
+            f"numerical_gradient had set it to {float(moved)}; numerical_gradient perturbs x "
+            "in place, so f must not write to it (copy inside f, or use batched=True)"
+        )
+
+
+def _check_unchanged(xp: ModuleType, x: Array, snapshot: Array, what: str) -> None:
+    """Raise when ``x`` no longer equals the snapshot taken before the first call of ``f``."""
+    if bool((x == snapshot).all()):
+        return
+    changed = (x != snapshot) & ~(xp.isnan(x) & xp.isnan(snapshot))
+    if not bool(changed.any()):
+        return  # only NaNs, which never equal themselves, and which f did not change
+    index = tuple(int(i) for i in np.unravel_index(int(xp.argmax(changed.reshape(-1))), x.shape))
+    now, before = float(x[index]), float(snapshot[index])
+    x[...] = snapshot
+    raise RuntimeError(
+        f"{what} changed x: x{list(index)} held {now} but {before} before numerical_gradient "
+        "started; f must not write to the x being differentiated (copy inside f); x has been "
+        "restored"
+    )

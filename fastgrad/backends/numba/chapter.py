@@ -1,19 +1,12 @@
-"""Module-level Numba kernels of the ``"numba"`` backend (float32 and float64).
+"""The fused chapter path: whole training steps and numerical gradients of 784-H-10 sigmoid.
 
-Rule of this module: every kernel is a plain ``@njit`` function over NumPy
-arrays, compiled once per dtype and cached on disk (``cache=True``). Only the
-numerical gradients are ``parallel=True`` (prange over per-thread chunks).
-The fused training loop (``sgd_worker``) is a serial ``nogil`` kernel that
-the backend runs on several Python threads meeting at a spin barrier: a
-step is ~0.3 ms of work with two meeting points, and a cached
-``parallel=True`` kernel compiles and loads much slower (numba#8085).
-
-``fastmath`` is off by default, so results follow IEEE rules like NumPy's.
-Set ``FASTGRAD_NUMBA_FASTMATH=1`` before fastgrad loads this module to
-compile with ``fastmath=True`` (reassociated sums, no NaN/inf guarantees).
-Clear the cache (``fastgrad/backends/__pycache__``) or point
-``NUMBA_CACHE_DIR`` elsewhere when switching, so neither variant is loaded
-for the other.
+Overrides for one-hidden-layer sigmoid nets without weight decay only
+(``NumbaBackend.fused_sgd_steps`` and ``network_numerical_gradient`` choose
+them); every other network runs the primitives. The fused training loop
+(``sgd_worker``) is a serial ``nogil`` kernel that the backend runs on
+several Python threads meeting at a spin barrier: a step is ~0.3 ms of work
+with two meeting points, and a cached ``parallel=True`` kernel compiles and
+loads much slower (numba#8085).
 
 Sparse inputs: MNIST pixels are ~81 % zeros, so the kernels that multiply by
 an input matrix skip its zeros (``x @ W1`` and ``x.T @ dZ`` over non-zeros
@@ -25,156 +18,22 @@ non-finite weight is already a diverged run).
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from fastgrad.backends._numba_math import exp_nonpositive, sigmoid_in_own_precision
-from fastgrad.backends._numba_math import sigmoid as _sigmoid
-from fastgrad.backends._numba_simd import gather_rows, scatter_rows
-from fastgrad.backends._numba_sync import ROW_TICKETS, barrier, take_ticket
-
-FASTMATH = os.environ.get("FASTGRAD_NUMBA_FASTMATH", "").strip() == "1"
-
-# error_model="numpy": division by zero gives inf/NaN like NumPy, instead of a
-# Python exception that costs a check on every division in the hot loops.
-_serial = njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-_parallel = njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy", parallel=True)
+from fastgrad.backends.numba._jit import parallel as _parallel
+from fastgrad.backends.numba._jit import serial as _serial
+from fastgrad.backends.numba.primitives import _compact_row
+from fastgrad.backends.numba.simd import gather_rows, scatter_rows
+from fastgrad.backends.numba.sync import ROW_TICKETS, barrier, take_ticket
+from fastgrad.backends.numba.vector_math import exp_nonpositive, sigmoid_in_own_precision
+from fastgrad.backends.numba.vector_math import sigmoid as _sigmoid
 
 # The shifted-expansion path of the numerical gradient is used while
 # h * max|x| * max(1, spread of a W2 row) stays below this; see
 # ``numerical_prepare`` for the error bound it buys.
 TAYLOR_MAX_SHIFT = 1e-3
-
-
-# ------------------------------------------------------------- elementwise
-@_serial
-def sigmoid(x, out):
-    """``out[k] = sigmoid(x[k])`` on flat contiguous arrays."""
-    for k in range(x.shape[0]):
-        out[k] = _sigmoid(np.float64(x[k]))
-
-
-@_serial
-def sigmoid_grad(x, out):
-    for k in range(x.shape[0]):
-        s = _sigmoid(np.float64(x[k]))
-        out[k] = (1.0 - s) * s
-
-
-@_serial
-def softmax(x, out):
-    """Row softmax of a 2-D array, shifted by the row maximum."""
-    rows, cols = x.shape
-    for n in range(rows):
-        top = -np.inf
-        for c in range(cols):
-            top = max(top, np.float64(x[n, c]))
-        total = 0.0
-        for c in range(cols):
-            e = math.exp(np.float64(x[n, c]) - top)
-            out[n, c] = e
-            total += e
-        scale = 1.0 / total
-        for c in range(cols):
-            out[n, c] = np.float64(out[n, c]) * scale
-
-
-# ------------------------------------------------------------------ losses
-# All losses accumulate in float64 whatever the input dtype, and return a
-# Python float.
-@_serial
-def mean_squared_error(y, t):
-    total = 0.0
-    for k in range(y.shape[0]):
-        d = np.float64(y[k]) - np.float64(t[k])
-        total += d * d
-    return 0.5 * total
-
-
-@_serial
-def cross_entropy_labels(y, labels, guard):
-    total = 0.0
-    for n in range(y.shape[0]):
-        total += np.log(np.float64(y[n, labels[n]]) + guard)
-    return -total / y.shape[0]
-
-
-@_serial
-def cross_entropy_dense(y, t, guard):
-    total = 0.0
-    for n in range(y.shape[0]):
-        for c in range(y.shape[1]):
-            # math.log raises on negatives in nopython mode; np.log gives NaN
-            # like the reference (the public API turns NaN into a ValueError).
-            total += np.float64(t[n, c]) * np.log(np.float64(y[n, c]) + guard)
-    return -total / y.shape[0]
-
-
-@_serial
-def _log_sum_exp(z, n):
-    top = -np.inf
-    for c in range(z.shape[1]):
-        top = max(top, np.float64(z[n, c]))
-    total = 0.0
-    for c in range(z.shape[1]):
-        total += math.exp(np.float64(z[n, c]) - top)
-    return top + math.log(total)
-
-
-@_serial
-def softmax_cross_entropy_labels(z, labels):
-    total = 0.0
-    for n in range(z.shape[0]):
-        total += _log_sum_exp(z, n) - np.float64(z[n, labels[n]])
-    return total / z.shape[0]
-
-
-@_serial
-def softmax_cross_entropy_dense(z, t):
-    total = 0.0
-    for n in range(z.shape[0]):
-        lse = _log_sum_exp(z, n)
-        for c in range(z.shape[1]):
-            total += np.float64(t[n, c]) * (lse - np.float64(z[n, c]))
-    return total / z.shape[0]
-
-
-@_serial
-def softmax_cross_entropy_grad_labels(z, labels, dz):
-    """Loss; ``dz`` gets ``(softmax(z) - onehot) / N``."""
-    batch_size = z.shape[0]
-    inv_batch = 1.0 / batch_size
-    total = 0.0
-    for n in range(batch_size):
-        lse = _log_sum_exp(z, n)
-        label = labels[n]
-        total += lse - np.float64(z[n, label])
-        for c in range(z.shape[1]):
-            p = math.exp(np.float64(z[n, c]) - lse)
-            dz[n, c] = ((p - 1.0) if c == label else p) * inv_batch
-    return total * inv_batch
-
-
-@_serial
-def softmax_cross_entropy_grad_dense(z, t, dz):
-    batch_size = z.shape[0]
-    inv_batch = 1.0 / batch_size
-    total = 0.0
-    for n in range(batch_size):
-        lse = _log_sum_exp(z, n)
-        mass = 0.0
-        for c in range(z.shape[1]):
-            mass += np.float64(t[n, c])
-        for c in range(z.shape[1]):
-            target = np.float64(t[n, c])
-            log_p = np.float64(z[n, c]) - lse
-            total -= target * log_p
-            # soft targets: d/dz of -sum_c t_c log p_c is p * sum(t) - t
-            dz[n, c] = (math.exp(log_p) * mass - target) * inv_batch
-    return total * inv_batch
-
 
 # ---------------------------------------------------------- two-layer net
 @_serial
@@ -217,22 +76,6 @@ def two_layer_logits(x, first, last, W1, b1, W2, b2, logits):
     hidden_row = np.empty(W1.shape[1], W1.dtype)
     logit_row = np.empty(W2.shape[1], W2.dtype)
     _forward_rows(x, first, last, W1, b1, W2, b2, logits, hidden_row, logit_row)
-
-
-@_serial
-def _compact_row(x, n, col_row, val_row):
-    """Non-zeros of ``x[n]`` into ``col_row/val_row``; returns how many.
-
-    Branch-free: every element is written and the cursor moves only past
-    non-zeros (mispredicted branches on pixel edges cost more).
-    """
-    count = 0
-    for i in range(x.shape[1]):
-        v = x[n, i]
-        col_row[count] = i
-        val_row[count] = v
-        count += v != 0
-    return count
 
 
 @_serial
@@ -373,62 +216,6 @@ def two_layer_gradient(x, labels, W1, b1, W2, b2, gW1, gb1, gW2, gb2):
         # gW1[i] += v * dpre[b], exactly: W - (-1 * v) * d rounds as W + v * d
         scatter_rows(gW1, dpre[b], cols[b], vals[b], 0, counts[b], -1.0)
     return loss * inv_batch
-
-
-@_serial
-def _csr_of(x, rows):
-    """CSR (``starts``, ``columns``, ``values``) of ``x[rows]``, row ``k`` from ``x[rows[k]]``."""
-    features = x.shape[1]
-    starts = np.empty(rows.shape[0] + 1, np.int64)
-    starts[0] = 0
-    for k in range(rows.shape[0]):
-        n = rows[k]
-        count = 0
-        for i in range(features):
-            count += x[n, i] != 0
-        starts[k + 1] = starts[k] + count
-    total = starts[rows.shape[0]]
-    # One slot of slack: _compact_row writes every element, zeros included,
-    # at the cursor, which reaches ``total`` on the last row's trailing zeros.
-    columns = np.empty(total + 1, np.int32)
-    values = np.empty(total + 1, x.dtype)
-    for k in range(rows.shape[0]):
-        _compact_row(x, rows[k], columns[starts[k] :], values[starts[k] :])
-    return starts, columns[:total], values[:total]
-
-
-@_serial
-def csr_rows(x):
-    """All non-zeros of ``x`` row by row: ``starts (rows+1,)``, ``columns`` (int32), ``values``."""
-    return _csr_of(x, np.arange(x.shape[0]))
-
-
-@_serial
-def drawn_rows_csr(x, batch_indices):
-    """CSR of the distinct rows ``batch_indices`` draws from dense ``x``, in first-use order.
-
-    Returns ``starts, columns, values, used, local``: listed row ``r`` is
-    ``x[used[r]]`` and ``local`` is ``batch_indices`` renumbered to listed
-    rows. A call that samples an epoch from a large ``x`` lists only the
-    rows it draws; callers that run many calls on the same ``x`` build
-    ``csr_rows(x)`` once instead.
-    """
-    steps, batch_size = batch_indices.shape
-    position = np.full(x.shape[0], -1, np.int64)
-    used = np.empty(steps * batch_size, np.int64)
-    local = np.empty((steps, batch_size), np.int64)
-    distinct = 0
-    for step in range(steps):
-        for b in range(batch_size):
-            n = batch_indices[step, b]
-            if position[n] < 0:
-                position[n] = distinct
-                used[distinct] = n
-                distinct += 1
-            local[step, b] = position[n]
-    used = used[:distinct]
-    starts, columns, values = _csr_of(x, used)
-    return starts, columns, values, used, local
 
 
 # Batch rows handed out per ticket in the output-layer phase of
@@ -1024,77 +811,3 @@ def sgd_steps_numerical(x, labels, batch_indices, W1, b1, W2, b2, lr, h, max_shi
             b2[c] -= lr * gb2[c]
 
 
-# --------------------------------------------- black-box numerical gradient
-# Not cached: these take the user's compiled ``f`` as an argument, so they
-# are compiled once per ``f`` (and per dtype/ndim of ``x``) in each process.
-@njit(parallel=True, nogil=True, error_model="numpy")
-def parallel_numerical_gradient(f, x, step, h, central, base_value, chunks):
-    """Central (or forward) differences of a compiled scalar ``f`` at ``x``.
-
-    The elements are cut into per-thread chunks; every chunk perturbs its own
-    private copy of ``x`` (so ``x`` itself is never written, and no thread
-    sees another's perturbation) and writes only its own range of ``grad``.
-    ``step`` is ``h`` in ``x``'s dtype (the perturbation, as ``x + h`` would
-    round it); the quotient divides by the float64 ``h``, as the reference does.
-    """
-    size = x.size
-    grad = np.empty(size, x.dtype)
-    for chunk in prange(chunks):
-        first = size * chunk // chunks
-        last = size * (chunk + 1) // chunks
-        work = x.copy()
-        flat = work.reshape(size)
-        for k in range(first, last):
-            original = flat[k]
-            flat[k] = original + step
-            plus = np.float64(f(work))
-            if central:
-                flat[k] = original - step
-                minus = np.float64(f(work))
-                grad[k] = (plus - minus) / (2.0 * h)
-            else:
-                grad[k] = (plus - base_value) / h
-            flat[k] = original
-    return grad.reshape(x.shape)
-
-
-@njit(parallel=True, nogil=True, error_model="numpy")
-def parallel_numerical_gradient_batched(f, x, step, h, central, base_value, chunk_size):
-    """Batched differences of a compiled ``f`` mapping ``(k, *x.shape) -> (k,)``.
-
-    Chunk ``m`` stacks ``count`` copies of ``x``, copy ``r`` moved at element
-    ``start + r``; chunks run in parallel, each on its own private stack, and
-    write only their own range of ``grad``. Returns ``(grad, wrong_length)``:
-    ``wrong_length`` is the length ``f`` returned when it was not ``count``
-    (the chunk is then skipped and the caller raises), else -1.
-    """
-    flat = x.reshape(x.size)
-    size = flat.shape[0]
-    grad = np.zeros(size, x.dtype)
-    chunks = (size + chunk_size - 1) // chunk_size
-    wrong = np.full(chunks, -1, np.int64)
-    for chunk in prange(chunks):
-        start = chunk * chunk_size
-        stop = min(start + chunk_size, size)
-        count = stop - start
-        stack = np.empty((count, size), x.dtype)
-        for r in range(count):
-            stack[r] = flat
-            stack[r, start + r] = flat[start + r] + step
-        plus = f(stack.reshape((count, *x.shape)))
-        if plus.shape[0] != count:
-            wrong[chunk] = plus.shape[0]
-            continue
-        if central:
-            for r in range(count):
-                stack[r, start + r] = flat[start + r] - step
-            minus = f(stack.reshape((count, *x.shape)))
-            if minus.shape[0] != count:
-                wrong[chunk] = minus.shape[0]
-                continue
-            for r in range(count):
-                grad[start + r] = (plus[r] - minus[r]) / (2.0 * h)
-        else:
-            for r in range(count):
-                grad[start + r] = (plus[r] - base_value) / h
-    return grad.reshape(x.shape), wrong.max()

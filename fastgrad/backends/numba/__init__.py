@@ -1,21 +1,32 @@
 """The Numba backend: NumPy arrays, with the hot kernels compiled by Numba.
 
 Rule of this module: it only prepares arguments (contiguous arrays of one
-float dtype, ``intp`` labels) and calls the compiled kernels of
-:mod:`fastgrad.backends._numba_kernels`; whatever it does not specialise (or
-any dtype other than float32/float64) runs the reference kernel via
-``super()``. Threads follow ``NUMBA_NUM_THREADS`` and ``numba.set_num_threads``.
+float dtype, ``intp`` labels) and calls compiled kernels; whatever it does not
+specialise (or any dtype other than float32/float64) runs the reference
+kernel via ``super()``. Threads follow ``NUMBA_NUM_THREADS`` and
+``numba.set_num_threads``. One file per concept:
+
+* :mod:`~fastgrad.backends.numba.primitives`: elementwise, losses, sparse rows;
+* :mod:`~fastgrad.backends.numba.chapter`: the fused chapter path (whole
+  training steps and numerical gradients of one-hidden-layer sigmoid nets);
+* :mod:`~fastgrad.backends.numba.network_training` and ``network_numerical``:
+  the same for every other net (any depth, activation and weight decay),
+  over the packed layers of :mod:`~fastgrad.backends.numba.network`;
+* :mod:`~fastgrad.backends.numba.numerical`: numerical gradients of a user's ``f``;
+* :mod:`~fastgrad.backends.numba.threads`, ``sync``, ``simd``, ``vector_math``:
+  the threads, barriers and vector code the chapter path is built from.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import functools
+import importlib.util
 import itertools
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
@@ -24,24 +35,29 @@ from numba.core import event as numba_event
 from numba.core.dispatcher import Dispatcher
 from numba.core.errors import NumbaError
 
-from fastgrad.backends import _numba_kernels as kernels
 from fastgrad.backends._base import (
     BOOK_LOG_GUARD,
     CHUNK_BUDGET_BYTES,
-    PARAM_NAMES,
     Array,
     Backend,
-    Params,
+    Network,
+    SparseRows,
     _scalar,
     _stack_values,
 )
-from fastgrad.backends._numba_threads import run_on_threads, usable_threads
+from fastgrad.backends.numba import (
+    chapter,
+    network_numerical,
+    network_training,
+    numerical,
+    primitives,
+)
+from fastgrad.backends.numba import network as packed
+from fastgrad.backends.numba._jit import FASTMATH
+from fastgrad.backends.numba.threads import run_on_threads, usable_threads
 from fastgrad.errors import SlowPathWarning
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
-# Below this many rows per thread, a forward pass is not worth a thread start.
-_ROWS_PER_THREAD = 2048
 
 # The training kernel cuts W1 into blocks of whole cache lines per row.
 CACHE_LINE_BYTES = 64
@@ -67,7 +83,7 @@ class _CompileClock(numba_event.Listener):
     def _ours(event: numba_event.Event) -> bool:
         dispatcher = (event.data or {}).get("dispatcher")
         module = getattr(getattr(dispatcher, "py_func", None), "__module__", "")
-        return module == kernels.__name__
+        return module.startswith(__name__)
 
     def on_start(self, event: numba_event.Event) -> None:
         if self._ours(event):
@@ -87,47 +103,17 @@ class _CompileClock(numba_event.Listener):
 _compile_clock = _CompileClock()
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class SparseRows:
-    """A training set together with its non-zeros, row by row (CSR).
-
-    Made by ``NumbaBackend.training_inputs``; ``two_layer_sgd_steps``
-    accepts it wherever it accepts the dense ``X``. Row ``n`` of ``dense``
-    has its non-zeros at ``columns/values[starts[n]:starts[n + 1]]``.
-
-    Example:
-        >>> import numpy as np
-        >>> from fastgrad.backends import get_backend
-        >>> rows = get_backend("numba").training_inputs(np.array([[0.0, 0.5], [0.25, 0.0]]))
-        >>> rows.starts.tolist(), rows.columns.tolist(), rows.values.tolist()
-        ([0, 1, 2], [1, 0], [0.5, 0.25])
-    """
-
-    dense: np.ndarray
-    starts: np.ndarray
-    columns: np.ndarray
-    values: np.ndarray
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.dense.shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.dense.dtype
-
-
 numba_event.register("numba:compile", _compile_clock)
 
 
 class NumbaBackend(Backend):
-    """NumPy arrays; activations, losses and the TwoLayerNet kernels compiled by Numba.
+    """NumPy arrays; activations, losses, sparse rows and the chapter's net compiled.
 
     Kernels compile on first use for each dtype (float32, float64) and are
     cached on disk, so later processes load them instead; :meth:`warmup`
-    compiles ahead what a training run needs. ``two_layer_sgd_steps`` runs a
-    whole multi-step training loop in one compiled call, and the numerical
-    gradients run in parallel threads.
+    compiles ahead what a training run needs. :meth:`fused_sgd_steps` runs a
+    whole multi-step training loop of any net in one compiled call, and the
+    numerical gradients run in parallel threads.
 
     Examples
     --------
@@ -142,9 +128,10 @@ class NumbaBackend(Backend):
     array_family = "numpy"
 
     #: Largest ``h * max|x| * max(1, W2 row spread)`` for which
-    #: ``two_layer_numerical_gradient`` uses its shifted expansion instead of
-    #: the exact per-perturbation formula (set it to 0.0 to force the latter).
-    taylor_max_shift: float = kernels.TAYLOR_MAX_SHIFT
+    #: ``network_numerical_gradient`` of the chapter's net uses its shifted
+    #: expansion instead of the exact per-perturbation formula (set it to 0.0
+    #: to force the latter).
+    taylor_max_shift: float = chapter.TAYLOR_MAX_SHIFT
 
     def __init__(self) -> None:
         super().__init__(np)
@@ -164,7 +151,7 @@ class NumbaBackend(Backend):
                 "threads": f"{numba.get_num_threads()} (NUMBA_NUM_THREADS="
                 f"{getattr(numba.config, 'NUMBA_NUM_THREADS', '?')})",
                 "threading layer": layer,
-                "fastmath": "on" if kernels.FASTMATH else "off",
+                "fastmath": "on" if FASTMATH else "off",
                 "jit compile seconds": f"{_compile_clock.seconds:.2f} in this process "
                 "(kernels compile on first use or load from the on-disk cache; "
                 "backend.warmup() compiles ahead)",
@@ -178,12 +165,14 @@ class NumbaBackend(Backend):
         """Compile (or load from the cache) the kernels a training run uses.
 
         ``gradient="backprop"`` (what ``fastgrad train`` runs by default):
-        the fused backprop steps plus the loss, logits and accuracy of the
-        evaluations; ``"numerical"``: the fused numerical-gradient steps plus
-        the same evaluations; ``"all"``: every kernel, also the one-batch
-        gradient and the parallel fast numerical gradient. Returns the
-        seconds spent; the compile part alone shows in
-        ``describe()["jit compile seconds"]``.
+        the fused backprop steps (of the chapter's net and of any other) plus
+        the loss, logits and accuracy of the evaluations; ``"numerical"``:
+        the fused numerical-gradient steps of the chapter's net and the fast
+        numerical gradient that other nets' steps call, plus the same
+        evaluations; ``"all"``: every kernel, also the one-batch gradient.
+        One compile serves every depth and activation. Returns the seconds
+        spent; the compile part alone shows in ``describe()["jit compile
+        seconds"]``.
 
         Examples
         --------
@@ -199,27 +188,36 @@ class NumbaBackend(Backend):
             raise ValueError(f"gradient must be 'backprop', 'numerical' or 'all', got {gradient!r}")
         started = time.perf_counter()
         rng = np.random.default_rng(0)
-        params = {
-            "W1": rng.standard_normal((4, 3)).astype(resolved),
-            "b1": np.zeros(3, resolved),
-            "W2": rng.standard_normal((3, 2)).astype(resolved),
-            "b2": np.zeros(2, resolved),
-        }
+        network = Network(
+            weights=(
+                rng.standard_normal((4, 3)).astype(resolved),
+                rng.standard_normal((3, 2)).astype(resolved),
+            ),
+            biases=(np.zeros(3, resolved), np.zeros(2, resolved)),
+            activation="sigmoid",
+        )
+        # any other net: one kernel per dtype whatever the depth and activation
+        deeper = Network(
+            weights=(*network.weights, rng.standard_normal((2, 2)).astype(resolved)),
+            biases=(*network.biases, np.zeros(2, resolved)),
+            activation="relu",
+        )
         X = rng.random((6, 4)).astype(resolved)
         labels = np.arange(6) % 2
         indices = np.zeros((1, 2), dtype=np.intp)
         if gradient in ("backprop", "all"):
             # both input forms: dense X (one-off calls) and the listed
             # non-zeros that ``fastgrad.train`` builds once per run
-            self.two_layer_sgd_steps(params, X, labels, indices, 0.01, "backprop")
-            self.two_layer_sgd_steps(params, self.training_inputs(X), labels, indices, 0.01)
+            for net, inputs in itertools.product((network, deeper), (X, self.training_inputs(X))):
+                self.fused_sgd_steps(net, inputs, labels, indices, 0.01, "backprop")
         if gradient in ("numerical", "all"):
-            self.two_layer_sgd_steps(params, X, labels, indices, 0.01, "numerical")
-        self.two_layer_loss(params, X, labels)
-        self.two_layer_accuracy(params, X, labels)
+            self.fused_sgd_steps(network, X, labels, indices, 0.01, "numerical")
+            self.network_numerical_gradient(deeper, X, labels, 1e-4)
+        logits = self.sigmoid(X @ network.weights[0]) @ network.weights[1]
+        self.softmax_cross_entropy(logits, labels)
         if gradient == "all":
-            self.two_layer_gradient(params, X, labels)
-            self.two_layer_numerical_gradient(params, X, labels, 1e-4)
+            self.softmax_cross_entropy_with_grad(logits, labels)
+            self.network_numerical_gradient(network, X, labels, 1e-4)
         seconds = time.perf_counter() - started
         key = resolved.name
         self._warmup_seconds[key] = self._warmup_seconds.get(key, 0.0) + seconds
@@ -231,7 +229,7 @@ class NumbaBackend(Backend):
             return super().sigmoid(X)
         flat = np.ascontiguousarray(X).reshape(-1)
         out = np.empty_like(flat)
-        kernels.sigmoid(flat, out)
+        primitives.sigmoid(flat, out)
         return out.reshape(np.shape(X))
 
     def sigmoid_grad(self, X: Array) -> Array:
@@ -239,7 +237,7 @@ class NumbaBackend(Backend):
             return super().sigmoid_grad(X)
         flat = np.ascontiguousarray(X).reshape(-1)
         out = np.empty_like(flat)
-        kernels.sigmoid_grad(flat, out)
+        primitives.sigmoid_grad(flat, out)
         return out.reshape(np.shape(X))
 
     def softmax(self, X: Array) -> Array:
@@ -247,7 +245,7 @@ class NumbaBackend(Backend):
             return super().softmax(X)
         rows = np.ascontiguousarray(X).reshape(-1, X.shape[-1])
         out = np.empty_like(rows)
-        kernels.softmax(rows, out)
+        primitives.softmax(rows, out)
         return out.reshape(X.shape)
 
     # ------------------------------------------------------------ losses
@@ -257,7 +255,7 @@ class NumbaBackend(Backend):
             return super().mean_squared_error(Y, T)
         y = np.ascontiguousarray(Y).reshape(-1)
         t = np.ascontiguousarray(T, dtype=dtype).reshape(-1)
-        return dtype.type(kernels.mean_squared_error(y, t))
+        return dtype.type(primitives.mean_squared_error(y, t))
 
     def cross_entropy_error(self, Y: Array, T: Array) -> Array:
         dtype = _dtype_of(Y)
@@ -266,9 +264,9 @@ class NumbaBackend(Backend):
         y = np.ascontiguousarray(Y)
         if T.ndim == 1:
             labels = _labels(T, Y.shape[1])
-            return dtype.type(kernels.cross_entropy_labels(y, labels, BOOK_LOG_GUARD))
+            return dtype.type(primitives.cross_entropy_labels(y, labels, BOOK_LOG_GUARD))
         t = np.ascontiguousarray(T, dtype=dtype)
-        return dtype.type(kernels.cross_entropy_dense(y, t, BOOK_LOG_GUARD))
+        return dtype.type(primitives.cross_entropy_dense(y, t, BOOK_LOG_GUARD))
 
     def softmax_cross_entropy(self, logits: Array, T: Array) -> Array:
         dtype = _dtype_of(logits)
@@ -277,9 +275,9 @@ class NumbaBackend(Backend):
         z = np.ascontiguousarray(logits)
         if T.ndim == 1:
             labels = _labels(T, z.shape[1])
-            return dtype.type(kernels.softmax_cross_entropy_labels(z, labels))
+            return dtype.type(primitives.softmax_cross_entropy_labels(z, labels))
         t = np.ascontiguousarray(T, dtype=dtype)
-        return dtype.type(kernels.softmax_cross_entropy_dense(z, t))
+        return dtype.type(primitives.softmax_cross_entropy_dense(z, t))
 
     def softmax_cross_entropy_with_grad(self, logits: Array, T: Array) -> tuple[Array, Array]:
         dtype = _dtype_of(logits)
@@ -289,112 +287,75 @@ class NumbaBackend(Backend):
         dz = np.empty_like(z)
         if T.ndim == 1:
             labels = _labels(T, z.shape[1])
-            loss = kernels.softmax_cross_entropy_grad_labels(z, labels, dz)
+            loss = primitives.softmax_cross_entropy_grad_labels(z, labels, dz)
         else:
             t = np.ascontiguousarray(T, dtype=dtype)
-            loss = kernels.softmax_cross_entropy_grad_dense(z, t, dz)
+            loss = primitives.softmax_cross_entropy_grad_dense(z, t, dz)
         return dtype.type(loss), dz
 
-    # ----------------------------------------------------- two-layer net
-    def two_layer_logits(self, params: Params, X: Array) -> Array:
-        prepared = _prepare(params, X)
-        if prepared is None:
-            return super().two_layer_logits(params, X)
-        (W1, b1, W2, b2), x = prepared
-        rows = x.shape[0]
-        logits = np.empty((rows, W2.shape[1]), W2.dtype)
-        threads = min(numba.get_num_threads(), rows // _ROWS_PER_THREAD)
-        if threads <= 1:
-            kernels.two_layer_logits(x, 0, rows, W1, b1, W2, b2, logits)
-            return logits
-        # The kernel releases the GIL, so Python threads run row blocks side
-        # by side; each block writes only its own rows of ``logits``.
-        bounds = [rows * part // threads for part in range(threads + 1)]
-        with ThreadPoolExecutor(threads) as pool:
-            for done in [
-                pool.submit(kernels.two_layer_logits, x, first, last, W1, b1, W2, b2, logits)
-                for first, last in itertools.pairwise(bounds)
-            ]:
-                done.result()
-        return logits
-
-    def two_layer_loss(self, params: Params, X: Array, labels: Array) -> Array:
-        return self.softmax_cross_entropy(self.two_layer_logits(params, X), labels)
-
-    def two_layer_accuracy(self, params: Params, X: Array, labels: Array) -> Array:
-        predicted = np.argmax(self.two_layer_logits(params, X), axis=1)
-        return np.mean(predicted == labels)
-
-    def two_layer_gradient(self, params: Params, X: Array, labels: Array) -> tuple[Array, Params]:
-        prepared = _prepare(params, X)
-        if prepared is None or X.shape[0] == 0:
-            return super().two_layer_gradient(params, X, labels)
-        (W1, b1, W2, b2), x = prepared
-        grads = {
-            name: np.empty_like(array)
-            for name, array in zip(PARAM_NAMES, (W1, b1, W2, b2), strict=True)
-        }
-        loss = kernels.two_layer_gradient(
-            x, _labels(labels, W2.shape[1]), W1, b1, W2, b2, *grads.values()
-        )
-        return W1.dtype.type(loss), grads
+    # ------------------------------------------------------ sparse inputs
+    def sparse_rows(self, X: Array) -> SparseRows:
+        """The non-zeros of ``X`` row by row, listed by a compiled loop (int32 columns)."""
+        if not isinstance(X, np.ndarray) or X.ndim != 2 or X.dtype not in _FLOATS:
+            return super().sparse_rows(X)
+        dense = np.ascontiguousarray(X)
+        return SparseRows(dense, *primitives.csr_rows(dense))
 
     def training_inputs(self, X: Array) -> Array | SparseRows:
-        """``X`` with its non-zeros listed once, for repeated ``two_layer_sgd_steps`` calls.
+        """``X`` with its non-zeros listed once, for repeated :meth:`fused_sgd_steps` calls.
 
         Listing the non-zeros of all of MNIST takes ~0.3 s (float64); a
-        training loop that calls ``two_layer_sgd_steps`` once per epoch would
-        pay it each epoch. The result is a snapshot: later writes to ``X``
-        are not seen by it.
+        training loop that calls the steps once per epoch would pay it each
+        epoch. The result is a snapshot: later writes to ``X`` are not seen.
         """
         if not isinstance(X, np.ndarray) or X.ndim != 2 or X.dtype not in _FLOATS:
             return X
-        dense = np.ascontiguousarray(X)
-        return SparseRows(dense, *kernels.csr_rows(dense))
+        return self.sparse_rows(X)
 
-    def two_layer_sgd_step(self, params: Params, X: Array, labels: Array, lr: float) -> Array:
-        rows = np.arange(np.shape(X)[0], dtype=np.intp).reshape(1, -1)
-        return self.two_layer_sgd_steps(params, X, labels, rows, lr)[0]
-
-    def two_layer_sgd_steps(
+    # ------------------------------------------------- the chapter's fused path
+    def fused_sgd_steps(
         self,
-        params: Params,
-        X: Array,
+        network: Network,
+        X: Array | SparseRows,
         labels: Array,
         batch_indices: Array,
         lr: float,
-        gradient: str = "backprop",
-    ) -> Array:
-        """All steps in one compiled call (see ``Backend.two_layer_sgd_steps``).
+        gradient: str,
+    ) -> Array | None:
+        """All steps in one compiled call: any net by backprop, the chapter's net numerically.
 
-        ``gradient="backprop"`` computes in the parameters' dtype;
-        ``"numerical"`` uses the fast central differences in float64.
+        A one-hidden-layer sigmoid net without weight decay runs the
+        chapter's kernels (:mod:`~fastgrad.backends.numba.chapter`):
+        ``gradient="backprop"`` in the parameters' dtype on threads meeting
+        at a barrier, ``"numerical"`` by the fast central differences in
+        float64. Every other net runs
+        :func:`~fastgrad.backends.numba.network_training.sgd_steps` for
+        ``"backprop"`` (any depth, activation and weight decay, in the
+        parameters' dtype) and returns None for ``"numerical"``: the model's
+        loop then calls :meth:`network_numerical_gradient` each step. None
+        also where the parameters and ``X`` are not all of one float dtype.
         """
         sparse = X if isinstance(X, SparseRows) else None
         dense = sparse.dense if sparse is not None else X
-        prepared = _prepare(params, dense)
         indices = np.asarray(batch_indices)
-        if (
-            prepared is None
-            or gradient not in ("backprop", "numerical")
-            or indices.ndim != 2
-            or indices.shape[1] == 0
-        ):
-            return super().two_layer_sgd_steps(params, dense, labels, batch_indices, lr, gradient)
+        if gradient not in ("backprop", "numerical") or indices.ndim != 2 or indices.shape[1] == 0:
+            return None
+        prepared = _chapter_arrays(network, dense)
+        if prepared is None:
+            if gradient != "backprop":
+                return None
+            return _network_sgd_steps(network, dense, sparse, labels, indices, lr)
         (W1, b1, W2, b2), x = prepared
         rows = _indices(indices, x.shape[0])
         targets = _labels(labels, W2.shape[1])
         losses = np.empty(rows.shape[0], dtype=np.float64)
         if gradient == "backprop":
-            if sparse is not None and sparse.values.dtype == W1.dtype:
-                listed = (sparse.starts, sparse.columns, sparse.values)
-            else:
-                starts, columns, values, used, rows = kernels.drawn_rows_csr(x, rows)
-                targets = targets[used]
-                listed = (starts, columns, values)
-            _sgd_backprop_threaded(*listed, targets, rows, (W1, b1, W2, b2), lr, losses)
+            starts, columns, values, targets, rows = _listed_rows(x, sparse, targets, rows)
+            _sgd_backprop_threaded(
+                starts, columns, values, targets, rows, (W1, b1, W2, b2), lr, losses
+            )
         else:
-            kernels.sgd_steps_numerical(
+            chapter.sgd_steps_numerical(
                 x,
                 targets,
                 rows,
@@ -407,37 +368,39 @@ class NumbaBackend(Backend):
                 self.taylor_max_shift,
                 losses,
             )
-        _write_back(params, (W1, b1, W2, b2))
+        _write_back(network, (W1, b1, W2, b2))
         return losses
 
-    def two_layer_numerical_gradient(
-        self, params: Params, X: Array, labels: Array, h: float
-    ) -> Params:
-        """Fast central differences, in float64, parallel over input features.
+    def network_numerical_gradient(
+        self, network: Network, X: Array | SparseRows, labels: Array, h: float
+    ) -> list[tuple[Array, Array]]:
+        """Fast central differences in float64, in parallel threads; any net.
 
-        The same differences as the reference kernel (and the book's loop),
-        from a shifted expansion whose truncation error is below 1e-14
-        relative (see ``_numba_kernels.two_layer_numerical_gradient``); when
-        the shift is not small (large ``h``, inputs or weights) the exact
-        per-perturbation formula runs instead.
+        For a one-hidden-layer sigmoid net: the same differences as the
+        reference kernel (and the book's loop), from a shifted expansion
+        whose truncation error is below 1e-14 relative (see
+        ``chapter.numerical_prepare``); when the shift is not small (large
+        ``h``, inputs or weights) the exact per-perturbation formula runs
+        instead. Every other net: the reference kernel's differences, unit
+        by unit (:mod:`~fastgrad.backends.numba.network_numerical`).
         """
-        if np.shape(X)[0] == 0:
-            return super().two_layer_numerical_gradient(params, X, labels, h)
+        dense = X.dense if isinstance(X, SparseRows) else X
+        if np.shape(dense)[0] == 0 or _dtype_of(dense, *network.arrays) is None:
+            return super().network_numerical_gradient(network, X, labels, h)
+        if network.depth != 2 or network.activation != "sigmoid":
+            return _network_numerical_gradient(network, dense, labels, h)
         f64 = np.float64
-        W1, b1, W2, b2 = (np.ascontiguousarray(params[name], dtype=f64) for name in PARAM_NAMES)
-        x = np.ascontiguousarray(X, dtype=f64)
+        W1, b1, W2, b2 = (np.ascontiguousarray(array, dtype=f64) for array in network.arrays)
+        x = np.ascontiguousarray(dense, dtype=f64)
         targets = _labels(labels, W2.shape[1])
         batch_size, hidden_size = x.shape[0], W1.shape[1]
         pre, hidden, first_order, third_order = (
             np.empty((batch_size, hidden_size)) for _ in range(4)
         )
         probabilities = np.empty((batch_size, W2.shape[1]))
-        grads = {
-            name: np.empty_like(array)
-            for name, array in zip(PARAM_NAMES, (W1, b1, W2, b2), strict=True)
-        }
+        grads = [np.empty_like(array) for array in (W1, b1, W2, b2)]
         step = float(h)
-        expansion, _ = kernels.numerical_prepare(
+        expansion, _ = chapter.numerical_prepare(
             x,
             targets,
             W1,
@@ -464,12 +427,16 @@ class NumbaBackend(Backend):
             third_order,
         )
         if numba.get_num_threads() > 1:
-            bounds = kernels.balanced_bounds(x, _chunks())
-            kernels.input_gradients_parallel(x, bounds, *shared, grads["W1"])
+            bounds = chapter.balanced_bounds(x, _chunks())
+            chapter.input_gradients_parallel(x, bounds, *shared, grads[0])
         else:
-            kernels.input_gradient_rows(x, 0, x.shape[1], *shared, grads["W1"])
-        kernels.numerical_finish(*shared, *grads.values())
-        return grads
+            chapter.input_gradient_rows(x, 0, x.shape[1], *shared, grads[0])
+        chapter.numerical_finish(*shared, *grads)
+        if network.weight_decay:
+            # the central difference of 0.5·λ·W² is λ·W exactly
+            grads[0] += network.weight_decay * W1
+            grads[2] += network.weight_decay * W2
+        return [(grads[0], grads[1]), (grads[2], grads[3])]
 
     # ------------------------------------------ black-box numerical gradients
     def numerical_gradient(
@@ -490,7 +457,7 @@ class NumbaBackend(Backend):
         central = method == "central"
         base_value = 0.0 if central else _scalar(f(x), "f(x)")
         try:
-            grad = kernels.parallel_numerical_gradient(
+            grad = numerical.parallel_numerical_gradient(
                 f, x, x.dtype.type(h), float(h), central, base_value, min(x.size, _chunks())
             )
         except NumbaError as error:
@@ -520,7 +487,7 @@ class NumbaBackend(Backend):
         if not central:
             base_value = float(_stack_values(f, x.reshape(1, -1), x.shape, 1)[0])
         try:
-            grad, wrong_length = kernels.parallel_numerical_gradient_batched(
+            grad, wrong_length = numerical.parallel_numerical_gradient_batched(
                 f, x, x.dtype.type(h), float(h), central, base_value, chunk_size
             )
         except NumbaError as error:
@@ -533,6 +500,141 @@ class NumbaBackend(Backend):
 
 
 # ------------------------------------------------------------------- helpers
+def _listed_rows(
+    x: np.ndarray, sparse: SparseRows | None, targets: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """``starts, columns, values, targets, rows``: the training rows as the kernels read them.
+
+    The non-zeros listed by :meth:`NumbaBackend.training_inputs` when they
+    are of ``x``'s dtype and layout, else those of the rows the steps draw
+    (``targets`` and ``rows`` renumbered to them).
+    """
+    if sparse is not None and sparse.values.dtype == x.dtype and sparse.columns.dtype == np.int32:
+        return sparse.starts, sparse.columns, sparse.values, targets, rows
+    starts, columns, values, used, local = primitives.drawn_rows_csr(x, rows)
+    return starts, columns, values, targets[used], local
+
+
+def _network_sgd_steps(
+    network: Network,
+    dense: Array,
+    sparse: SparseRows | None,
+    labels: Array,
+    indices: np.ndarray,
+    lr: float,
+) -> np.ndarray | None:
+    """``network_training.sgd_steps`` on packed copies of the layers, written back after."""
+    dtype = _dtype_of(*network.arrays)
+    if (
+        dtype is None
+        or any(array.dtype != dtype for array in network.arrays)
+        or not isinstance(dense, np.ndarray)
+        or dense.ndim != 2
+        or dense.dtype != dtype
+    ):
+        # mixed dtypes promote step by step in the model's loop; no kernel copies that
+        return None
+    if not _has_scipy():
+        return None  # np.dot in compiled code needs SciPy's BLAS (the numba extra has it)
+    x = np.ascontiguousarray(dense)
+    rows = _indices(indices, x.shape[0])
+    targets = _labels(labels, int(network.weights[-1].shape[1]))
+    starts, columns, values, targets, rows = _listed_rows(x, sparse, targets, rows)
+    layers = packed.pack(network, dtype)
+    losses = np.empty(rows.shape[0], dtype=np.float64)
+    chunks = max(1, min(usable_threads(numba.get_num_threads()), rows.shape[1]))
+    with _one_blas_thread():
+        network_training.sgd_steps(
+            starts,
+            columns,
+            values,
+            targets,
+            rows,
+            layers,
+            packed.activation_code(network.activation),
+            float(network.weight_decay),
+            float(lr),
+            losses,
+            chunks,
+        )
+    packed.write_back(network, layers)
+    return losses
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """BLAS limited to one thread, for kernels that call it from each of Numba's threads.
+
+    Their products (``np.dot`` in compiled code: SciPy's BLAS) are too small
+    to split, and BLAS threads started inside Numba's would outnumber the
+    cores (a step took 10-30x longer so). Without threadpoolctl nothing is
+    limited.
+    """
+    controller = _blas_controller()
+    if controller is None:
+        return contextlib.nullcontext()
+    return controller.limit(limits=1, user_api="blas")
+
+
+@functools.cache
+def _has_scipy() -> bool:
+    return importlib.util.find_spec("scipy") is not None
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    """A threadpoolctl controller of the BLAS libraries loaded now (SciPy's among them).
+
+    Made once: finding the libraries takes ~1 ms, limiting them through it ~10 us.
+    """
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (loaded first, so that it is found)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def _network_numerical_gradient(
+    network: Network, dense: Array, labels: Array, h: float
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``network_numerical.numerical_gradient`` of any net, as ``(dW, db)`` per layer."""
+    layers = packed.pack(network, np.dtype(np.float64))
+    x = np.ascontiguousarray(dense, dtype=np.float64)
+    targets = _labels(labels, int(network.weights[-1].shape[1]))
+    grad_weights_t = np.zeros(layers.weights.shape[0])
+    grad_biases = np.zeros(layers.biases.shape[0])
+    widest = int(layers.sizes[1:].max())
+    tile = 2 * max(8, min(256, network_numerical.TILE_FLOATS // (2 * widest)))
+    network_numerical.numerical_gradient(
+        x,
+        targets,
+        layers,
+        packed.activation_code(network.activation),
+        float(h),
+        _chunks(),
+        tile,
+        grad_weights_t,
+        grad_biases,
+    )
+    starts = layers.weight_starts.tolist()
+    result = []
+    for layer, (W, grad_b) in enumerate(
+        zip(
+            packed.unpacked_weights(layers, layers.weights),
+            packed.unpacked_biases(layers, grad_biases),
+            strict=True,
+        )
+    ):
+        # the kernel wrote W.T (a unit's row per chunk): (fan_out, fan_in) in W's place
+        grad_t = grad_weights_t[starts[layer] : starts[layer + 1]].reshape(W.shape[::-1])
+        grad_W = np.ascontiguousarray(grad_t.T)
+        if network.weight_decay:
+            # the central difference of 0.5·λ·W² is λ·W exactly
+            grad_W += network.weight_decay * W
+        result.append((grad_W, grad_b))
+    return result
+
+
 def _sgd_backprop_threaded(
     starts: np.ndarray,
     columns: np.ndarray,
@@ -544,7 +646,7 @@ def _sgd_backprop_threaded(
     losses: np.ndarray,
     threads: int | None = None,
 ) -> None:
-    """``kernels.sgd_worker`` on ``threads`` threads, by default ``numba.get_num_threads()``.
+    """``chapter.sgd_worker`` on ``threads`` threads, by default ``numba.get_num_threads()``.
 
     ``W1`` is copied into the kernel's blocks by hidden units
     (``_unit_blocks``) and back when the steps are done. Every row that one
@@ -566,7 +668,7 @@ def _sgd_backprop_threaded(
         W2T_blocks[k, :, : last - first] = W2[first:last].T
     logit_width = _whole_lines(classes, W1.dtype.itemsize)
     run_on_threads(
-        kernels.sgd_worker,
+        chapter.sgd_worker,
         threads,
         unit_bounds,
         starts,
@@ -658,21 +760,29 @@ def _dtype_of(*arrays: Any) -> np.dtype | None:
     return dtype if dtype in _FLOATS else None
 
 
-def _prepare(params: Params, X: Array) -> tuple[tuple[np.ndarray, ...], np.ndarray] | None:
-    """Parameters and ``X`` as C-contiguous arrays of one dtype, or None if unsupported."""
-    arrays = [params[name] for name in PARAM_NAMES]
+def _chapter_arrays(
+    network: Network, X: Array
+) -> tuple[tuple[np.ndarray, ...], np.ndarray] | None:
+    """``W1, b1, W2, b2`` and ``X`` as C-contiguous arrays of one dtype, or None.
+
+    None where the chapter's fused kernels do not serve the network: not a
+    one-hidden-layer sigmoid net without weight decay, or an unsupported dtype.
+    """
+    if network.depth != 2 or network.activation != "sigmoid" or network.weight_decay:
+        return None
+    arrays = network.arrays
     dtype = _dtype_of(*arrays, X)
-    if dtype is None or np.ndim(X) != 2 or arrays[0].ndim != 2 or arrays[2].ndim != 2:
+    if dtype is None or np.ndim(X) != 2:
         return None
     converted = tuple(np.ascontiguousarray(array, dtype=dtype) for array in arrays)
     return converted, np.ascontiguousarray(X, dtype=dtype)
 
 
-def _write_back(params: Params, arrays: tuple[np.ndarray, ...]) -> None:
-    """Copy updated parameters back where ``_prepare`` had to convert them."""
-    for name, array in zip(PARAM_NAMES, arrays, strict=True):
-        if array is not params[name]:
-            params[name][...] = array
+def _write_back(network: Network, arrays: tuple[np.ndarray, ...]) -> None:
+    """Copy updated parameters back where ``_chapter_arrays`` had to convert them."""
+    for original, array in zip(network.arrays, arrays, strict=True):
+        if array is not original:
+            original[...] = array
 
 
 def _labels(labels: Array, num_classes: int) -> np.ndarray:

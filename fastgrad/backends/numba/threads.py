@@ -2,7 +2,7 @@
 
 The kernel is called as ``kernel(thread, threads, sync, *args)`` on every
 thread at once (the calling thread is thread 0) and synchronises through
-``sync`` with :func:`fastgrad.backends._numba_sync.barrier`. If a thread
+``sync`` with :func:`fastgrad.backends.numba.sync.barrier`. If a thread
 fails before or inside its call, ``sync[ABORT]`` releases the others from
 their barriers, so a failure surfaces as the exception instead of a hang.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from fastgrad.backends._numba_sync import ABORT, SYNC_SLOTS
+from fastgrad.backends.numba.sync import ABORT, SYNC_SLOTS
 
 
 def usable_threads(requested: int) -> int:
