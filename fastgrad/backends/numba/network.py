@@ -26,7 +26,6 @@ from fastgrad.backends.numba.vector_math import sigmoid_in_own_precision
 SIGMOID, RELU, TANH, IDENTITY = (ACTIVATIONS.index(name) for name in ACTIVATIONS)
 
 
-
 class Layers(NamedTuple):
     """The arrays of a net, layer after layer: ``W_l`` row-major, then ``W_{l+1}``.
 
