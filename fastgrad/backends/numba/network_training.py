@@ -110,21 +110,7 @@ def _first_forward(starts, columns, values, rows, W, b, code, pre, post):
         out = pre[s]
         for j in range(width):
             out[j] = b[j]
-        k = starts[rows[s]]
-        last = starts[rows[s] + 1]
-        while k + 4 <= last:
-            v0, v1, v2, v3 = values[k], values[k + 1], values[k + 2], values[k + 3]
-            w0, w1 = W[columns[k]], W[columns[k + 1]]
-            w2, w3 = W[columns[k + 2]], W[columns[k + 3]]
-            for j in range(width):
-                out[j] += (v0 * w0[j] + v1 * w1[j]) + (v2 * w2[j] + v3 * w3[j])
-            k += 4
-        while k < last:
-            v = values[k]
-            w = W[columns[k]]
-            for j in range(width):
-                out[j] += v * w[j]
-            k += 1
+        _add_rows(out, W, columns, values, starts[rows[s]], starts[rows[s] + 1])
         activate(code, out, post[s])
 
 
