@@ -51,9 +51,7 @@ def cheap(x: np.ndarray) -> float:
 
 def disabled(config: pytest.Config) -> bool:
     # pytest-benchmark's own rule for --benchmark-disable / --benchmark-enable.
-    return bool(
-        config.getoption("benchmark_disable") and not config.getoption("benchmark_enable")
-    )
+    return bool(config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 from conftest import backend_params, require_backend, run_case
 from peers import peer_params, require_peer
 
-from fastgrad._bench_workloads import (
+from fastgrad.benchmarks.workloads import (
     BOOK,
     CHAPTER_NET,
     DEEP_GRADIENT_NET,
@@ -52,9 +52,7 @@ def rounds_for(method: str) -> int:
 @pytest.mark.benchmark(group="gradient")
 @pytest.mark.parametrize("method", ["backprop", "fast", "naive"])
 @pytest.mark.parametrize("backend_name", backend_params())
-def test_gradient(
-    benchmark: Any, factory: WorkloadFactory, backend_name: str, method: str
-) -> None:
+def test_gradient(benchmark: Any, factory: WorkloadFactory, backend_name: str, method: str) -> None:
     require_backend(backend_name)
     case = factory.gradient_case(
         backend_name, method, CHAPTER_NET, naive_samples=naive_samples(benchmark)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import backend_params, require_backend, run_case
 
-from fastgrad._bench_workloads import WorkloadFactory, scaling_net
+from fastgrad.benchmarks.workloads import WorkloadFactory, scaling_net
 
 HIDDEN_SIZES = [5, 10, 50, 100, 500]
 DEEP_HIDDEN_SIZES = [5, 10, 50]

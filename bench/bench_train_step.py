@@ -21,7 +21,7 @@ import pytest
 from conftest import backend_params, require_backend, run_case
 from peers import peer_params, require_peer
 
-from fastgrad._bench_workloads import BOOK, CHAPTER_NET, DEEP_TRAIN_NET, WorkloadFactory
+from fastgrad.benchmarks.workloads import BOOK, CHAPTER_NET, DEEP_TRAIN_NET, WorkloadFactory
 
 DTYPES = ["float64", "float32"]
 

@@ -1,6 +1,6 @@
 """Fixtures of the pytest-benchmark suite: backends, data, and the timing helper.
 
-Every benchmark file times the same :class:`fastgrad._bench_workloads.Case`
+Every benchmark file times the same :class:`fastgrad.benchmarks.workloads.Case`
 objects that ``fastgrad bench`` times, so the two can never disagree about
 what a workload is. The test session runs this folder with
 ``--benchmark-disable`` (pyproject's addopts): each benchmark then runs its
@@ -20,14 +20,13 @@ from typing import Any
 import pytest
 
 import fastgrad
-from fastgrad._bench_workloads import (
+from fastgrad.backends import known_backends, unavailable_reason
+from fastgrad.benchmarks.workloads import (
     Case,
     WorkloadFactory,
-    find_mnist,
     read_mnist,
     synthetic_mnist,
 )
-from fastgrad.backends import known_backends, unavailable_reason
 
 BACKEND_MARKS = {"numpy": (), "numba": (pytest.mark.jit,), "cupy": (pytest.mark.gpu,)}
 CHAPTER_STEPS = 10_000
@@ -35,17 +34,21 @@ CHAPTER_STEPS = 10_000
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fastgrad bench")
-    group.addoption("--bench-steps", type=int, default=20,
-                    help="training iterations of the chapter run and the deep run")
-    group.addoption("--bench-full", action="store_true",
-                    help="run the chapter's 10,000 training iterations")
+    group.addoption(
+        "--bench-steps",
+        type=int,
+        default=20,
+        help="training iterations of the chapter run and the deep run",
+    )
+    group.addoption(
+        "--bench-full", action="store_true", help="run the chapter's 10,000 training iterations"
+    )
 
 
 def backend_params() -> list[Any]:
     """One pytest param per known backend, id'd by name, with its marks."""
     return [
-        pytest.param(name, marks=BACKEND_MARKS.get(name, ()), id=name)
-        for name in known_backends()
+        pytest.param(name, marks=BACKEND_MARKS.get(name, ()), id=name) for name in known_backends()
     ]
 
 
@@ -59,8 +62,9 @@ def require_backend(name: str) -> fastgrad.Backend:
     reason = unavailable_reason(name)
     if reason is not None:
         if name in required_backends():
-            pytest.fail(f"FASTGRAD_REQUIRE_BACKENDS names {name!r}, but it is unavailable: "
-                        f"{reason}")
+            pytest.fail(
+                f"FASTGRAD_REQUIRE_BACKENDS names {name!r}, but it is unavailable: {reason}"
+            )
         pytest.skip(f"backend {name!r} unavailable: {reason}")
     backend = fastgrad.get_backend(name)
     _warm(backend)
@@ -76,6 +80,17 @@ def _warm(backend: fastgrad.Backend) -> None:
         for dtype in ("float64", "float32"):
             backend.warmup(dtype)
         _warmed.add(backend.name)
+
+
+def find_mnist(start: Path) -> Path | None:
+    """``../shared/data/mnist`` next to the repository that holds ``start``, if it is there."""
+    for folder in (start.resolve(), *start.resolve().parents):
+        candidate = folder.parent / "shared" / "data" / "mnist"
+        if (candidate / "train-images-idx3-ubyte.gz").is_file():
+            return candidate
+        if (folder / ".git").exists() or (folder / "pyproject.toml").is_file():
+            break
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -99,18 +114,7 @@ def run_case(benchmark: Any, case: Case, rounds: int = 5) -> Any:
     ``case.run`` waits for the device itself, so GPU timings are complete.
     A sampled (extrapolated) case records its scale in ``extra_info``.
     """
-    benchmark.extra_info.update({
-        "implementation": case.implementation,
-        "method": case.method,
-        "dtype": case.dtype,
-        "hidden_size": case.hidden_size,
-        "layer_sizes": list(case.net.layer_sizes),
-        "activation": case.net.activation,
-        "num_params": case.num_params,
-        "iterations": case.iterations,
-        "scale_to_full": case.scale,
-        "sampled_params": case.sampled_params,
-    })
+    benchmark.extra_info.update(case.extra_info)
     result = benchmark.pedantic(
         case.run, setup=lambda: ((case.setup(),), {}), rounds=rounds, warmup_rounds=1
     )

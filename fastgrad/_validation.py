@@ -5,9 +5,11 @@ needed, labels out of range, NaN) into one clear error naming the argument.
 The rules below hold at every public entry point: ``fastgrad.functions``,
 ``numerical_diff``/``numerical_gradient``/``gradient_descent``, the models'
 ``predict``/``loss``/``accuracy``/``gradient``/``numerical_gradient``,
-``fastgrad.train.train``, and the ``x``/``t`` that ``gradient_check`` passes
-to a fastgrad model. The ``prepared_*`` methods of the models and the
-backend kernels trust their inputs and check nothing.
+``fastgrad.train.train``, and ``gradient_check``/``check_gradients`` (their
+parameters and gradients, and the floating-point ``x``/``t`` they pass to
+any model; other ``x``/``t`` are a hand-written model's own business). The
+``prepared_*`` methods of the models and the backend kernels trust their
+inputs and check nothing.
 
 Non-finite values
     NaN or an infinity in an input array (``x``, ``t``, ``y``, ``logits``,

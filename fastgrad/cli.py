@@ -2,8 +2,8 @@
 
 A user's mistake (a bad flag, an unknown or unavailable backend, missing data)
 ends in one line on stderr and a non-zero exit, never a traceback; anything
-else is a bug and keeps its traceback. Heavy modules (matplotlib, tqdm, the
-benchmarks) are imported only by the subcommand that needs them.
+else is a bug and keeps its traceback. Heavy modules (matplotlib, the benchmarks)
+are imported only by the subcommand that needs them, tqdm only by a run.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import itertools
 import math
 import os
 import platform
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 import numpy as np
 
 from fastgrad import __version__
+from fastgrad._runs import LOCK_NAME, RunFolderBusyError
 from fastgrad.backends._base import ACTIVATIONS
 from fastgrad.errors import BackendUnavailableError
 
@@ -134,7 +135,9 @@ def _build_parser(bench: ModuleType | None) -> argparse.ArgumentParser:
     train.add_argument(
         "--backend",
         default=None,
-        help="numpy, numba or cupy (default: numpy, or $FASTGRAD_BACKEND)",
+        help="numpy, numba, cupy, or auto: the fastest that can run here (cupy with a usable "
+        "CUDA device, else numba when installed, else numpy); default: $FASTGRAD_BACKEND "
+        "when set, else auto",
     )
     train.add_argument(
         "--grad",
@@ -206,7 +209,12 @@ def _build_parser(bench: ModuleType | None) -> argparse.ArgumentParser:
         help="parameter and data precision (default: float64)",
     )
     train.add_argument(
-        "--out", default=None, help="output folder (default: ./runs/<UTC timestamp>)"
+        "--out",
+        default=None,
+        help="output folder (default: a new ./runs/<UTC timestamp>, with -2, -3, ... appended "
+        "when another run took that name). A run locks its folder while it writes it (the "
+        f"file {LOCK_NAME}, removed at the end); a run asking for a folder that another live "
+        "run holds is refused. The lock of a run that was killed is taken over",
     )
     train.set_defaults(handler=_run_train)
 
@@ -260,12 +268,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _import_benchmarks() -> ModuleType | None:
-    # Imported only for `fastgrad bench`: the benchmarks pull in their own dependencies.
+    # Imported only for `fastgrad bench`: the runner is built on pytest-benchmark.
     try:
-        return importlib.import_module("fastgrad.benchmarks")
+        return importlib.import_module("fastgrad.benchmarks.runner")
     except ModuleNotFoundError as error:
-        if error.name == "fastgrad.benchmarks":
+        if error.name is not None and error.name.startswith("fastgrad.benchmarks"):
             _error("bench is not available yet: this installation has no fastgrad.benchmarks")
+        elif (error.name or "").split(".")[0] == "pytest_benchmark":
+            _error(
+                "bench needs pytest-benchmark, which is not installed "
+                "(pip install 'fastgrad[bench]')"
+            )
         else:
             _error(f"bench needs {error.name}, which is not installed ({error})")
         return None
@@ -276,7 +289,9 @@ def _user_error_message(error: Exception) -> str | None:
     from fastgrad.data import MNISTError
     from fastgrad.train import TrainingDivergedError
 
-    if isinstance(error, (BackendUnavailableError, MNISTError, TrainingDivergedError)):
+    if isinstance(
+        error, (BackendUnavailableError, MNISTError, RunFolderBusyError, TrainingDivergedError)
+    ):
         return str(error)
     if isinstance(error, OSError) and error.filename is not None:
         return f"{error.strerror or error}: {error.filename}"
@@ -300,17 +315,20 @@ def _show_warning(
 
 # -------------------------------------------------------------------- train
 def _run_train(args: argparse.Namespace) -> int:
-    from fastgrad.backends import get_backend
+    from fastgrad._runs import locked_run_folder
+
+    backend, chosen_by = _choose_backend(args.backend)
+    # Taken before the data is read, so a folder another run holds is refused at once.
+    with locked_run_folder(Path(args.out) if args.out else None) as out:
+        return _train_into(args, backend, chosen_by, out)
+
+
+def _train_into(args: argparse.Namespace, backend: Any, chosen_by: str, out: Path) -> int:
     from fastgrad.checkpoint import save_params
     from fastgrad.train import TrainingDivergedError, TrainingHistory, train
 
-    backend = get_backend(args.backend)
     dtype = np.dtype(args.dtype)
     data, dataset = _load_data(args.dataset, args.data_dir, dtype)
-    out = (
-        Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    )
-    out.mkdir(parents=True, exist_ok=True)  # before training, so a bad --out fails at once
     # An unseeded run still records its seed, so any run can be repeated.
     seed = args.seed if args.seed is not None else int(np.random.default_rng().integers(2**32))
     (x_train, _), (x_test, _) = data
@@ -318,14 +336,15 @@ def _run_train(args: argparse.Namespace) -> int:
     print(
         f"training {type(net).__name__} {'-'.join(map(str, net.layer_sizes))} "
         f"({net.activation} hidden layers, weight init {_describe_init(weight_init)}, "
-        f"weight decay {net.weight_decay_lambda:g}; {net.num_params:,} {dtype.name} parameters "
-        f"on {backend.name}) on {dataset}: {len(x_train):,} train / {len(x_test):,} test "
-        f"images, {args.iters} iterations of batch {args.batch_size}, lr {args.lr}, "
-        f"{args.grad} gradients, seed {seed}",
+        f"weight decay {net.weight_decay_lambda:g}; {net.num_params:,} {dtype.name} parameters) "
+        f"on {backend.name}{chosen_by} with {dataset}: {len(x_train):,} train / "
+        f"{len(x_test):,} test images, {args.iters} iterations of batch {args.batch_size}, "
+        f"lr {args.lr}, {args.grad} gradients, seed {seed}; writing to {out}",
         flush=True,
     )
     progress = _Progress(args.iters)
-    table = _EpochTable(progress.write)
+    evaluations = _evaluation_count(args.iters, len(x_train), args.batch_size)
+    table = _EpochTable(progress.write, evaluations, args.iters)
 
     def on_progress(history: TrainingHistory) -> None:
         progress.update(history)
@@ -345,6 +364,7 @@ def _run_train(args: argparse.Namespace) -> int:
         )
     except TrainingDivergedError as error:
         progress.close()
+        table.finish(error.history)
         # The losses up to the divergence say what went wrong; the parameters
         # are useless, so neither they nor a figure are written.
         error.history.config.update(
@@ -363,11 +383,16 @@ def _run_train(args: argparse.Namespace) -> int:
         return 1
     finally:
         progress.close()
+    table.finish(history)
     history.config.update(
         dataset=dataset, model=type(net).__name__, weight_init=weight_init, weight_seed=seed
     )
-    written = [history.save(out / "history.json"), save_params(net, out / "params.npz")]
-    figure = _save_figure(history, out / "training.png")
+    # Each file is written whole or not at all (a temporary file, then a rename).
+    written = [
+        _write(out / "history.json", history.save),
+        _write(out / "params.npz", lambda path: save_params(net, path)),
+    ]
+    figure = _write(out / "training.png", lambda path: _save_figure(history, path))
     if figure is not None:
         written.append(figure)
     final = history.final
@@ -379,6 +404,37 @@ def _run_train(args: argparse.Namespace) -> int:
     )
     print(f"wrote {', '.join(str(path) for path in written)}")
     return 0
+
+
+# Fastest first: --backend auto takes the first that can run here.
+_AUTO_ORDER = ("cupy", "numba", "numpy")
+_AUTO_NOTE = " (auto: fastest available here)"
+
+
+def _choose_backend(requested: str | None) -> tuple[Any, str]:
+    """The backend to train on, and how it was chosen, for the run's header.
+
+    ``auto`` (the CLI's default) is the CLI's own choice; the library's default
+    selection (``get_backend(None)``: NumPy unless told otherwise) is unchanged.
+    """
+    from fastgrad.backends import ENV_VARIABLE, get_backend, unavailable_reason
+
+    if requested is None:
+        from_env = os.environ.get(ENV_VARIABLE, "").strip()
+        if from_env and from_env != "auto":
+            return get_backend(None), f" (from ${ENV_VARIABLE})"
+        requested = "auto"
+    if requested != "auto":
+        return get_backend(requested), ""
+    for name in _AUTO_ORDER:
+        reason = unavailable_reason(name)
+        if reason is None:
+            return get_backend(name), _AUTO_NOTE
+        # A backend that is installed but cannot start is worth a word: the user
+        # may expect it. One that is not installed is simply not a candidate.
+        if importlib.util.find_spec(name) is not None:
+            print(f"fastgrad: note: --backend auto passes over {name}: {reason}", file=sys.stderr)
+    raise AssertionError("the numpy backend is always available")
 
 
 # The chapter's network, and its init: std 0.01, as the book's TwoLayerNet.
@@ -454,6 +510,19 @@ def _load_data(dataset: str, data_dir: str | None, dtype: np.dtype) -> tuple[Any
         return load_mnist(subset="mini", dtype=dtype), "mnist-mini"
 
 
+def _write(path: Path, write: Callable[[Path], Path | None]) -> Path | None:
+    """``write(path)``, with a failure to write (a full disk) naming ``path``.
+
+    The writers remove their temporary file when they fail, so nothing partial
+    is left; the OSError they raise often names only that temporary file, or
+    nothing.
+    """
+    try:
+        return write(path)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+
+
 def _save_figure(history: Any, path: Path) -> Path | None:
     try:
         from fastgrad.plot import plot_history
@@ -469,83 +538,99 @@ def _save_figure(history: Any, path: Path) -> Path | None:
     return path
 
 
-class _EpochTable:
-    """Prints each new evaluation of the history as a row, as training goes."""
+def _evaluation_count(iters: int, train_size: int, batch_size: int) -> int:
+    """How many evaluations train() makes: before training, after each epoch, at the end."""
+    iters_per_epoch = max(train_size // batch_size, 1)
+    return 1 + iters // iters_per_epoch + (1 if iters % iters_per_epoch else 0)
 
-    def __init__(self, write: Callable[[str], None]) -> None:
+
+def _rows(evaluations: int, stride: int) -> int:
+    """Rows of a table showing evaluations 0, stride, 2·stride, ... and the last."""
+    last = evaluations - 1
+    return last // stride + 1 + (1 if last % stride else 0)
+
+
+class _EpochTable:
+    """Prints the evaluations as rows as training goes: at most ``MAX_ROWS`` of them.
+
+    A long run shows every k-th evaluation (k chosen from how many there will
+    be), always the first and the last, and the last one held when a run
+    diverges; history.json keeps them all.
+    """
+
+    MAX_ROWS = 25
+
+    def __init__(self, write: Callable[[str], None], evaluations: int, iters: int) -> None:
         self._write = write
-        self._printed = 0
+        self._iters = iters
+        self._seen = 0
+        self._last_shown = -1
+        # Rows 0, k, 2k, ... and the last one: the smallest k that fits in MAX_ROWS.
+        self.stride = next(k for k in itertools.count(1) if _rows(evaluations, k) <= self.MAX_ROWS)
         write(f"{'epoch':>7}  {'iteration':>9}  {'train acc':>9}  {'test acc':>8}  {'time':>7}")
+        if self.stride > 1:
+            write(
+                f"(a row every {self.stride} evaluations, and the last; history.json holds "
+                f"all {evaluations})"
+            )
 
     def update(self, history: Any) -> None:
-        for record in history.epochs[self._printed :]:
-            self._write(
-                f"{record.epoch:7.2f}  {record.iteration:9d}  {record.train_acc:9.4f}  "
-                f"{record.test_acc:8.4f}  {history.wall_time:6.1f}s"
-            )
-        self._printed = len(history.epochs)
+        for index in range(self._seen, len(history.epochs)):
+            record = history.epochs[index]
+            if index % self.stride == 0 or record.iteration == self._iters:
+                self._show(index, history)
+        self._seen = len(history.epochs)
+
+    def finish(self, history: Any) -> None:
+        """Show the last evaluation, if it was skipped (a run that diverged, or cut short)."""
+        self.update(history)
+        last = len(history.epochs) - 1
+        if last > self._last_shown:
+            self._show(last, history)
+
+    def _show(self, index: int, history: Any) -> None:
+        record = history.epochs[index]
+        self._write(
+            f"{record.epoch:7.2f}  {record.iteration:9d}  {record.train_acc:9.4f}  "
+            f"{record.test_acc:8.4f}  {history.wall_time:6.1f}s"
+        )
+        self._last_shown = index
 
 
 class _Progress:
-    """A progress bar on stderr: tqdm's when installed, else one rewritten line.
+    """tqdm's progress bar on stderr, shown only on a terminal.
 
-    Shown only on a terminal, so logs and pipes get the table and no clutter.
+    Logs and pipes get the table and no clutter.
     """
 
     def __init__(self, total: int) -> None:
-        self._total = total
-        self._done = 0
-        self._started = time.perf_counter()
-        self._terminal = sys.stderr.isatty()
-        self._line_shown = False
-        self._bar: Any = None
-        if importlib.util.find_spec("tqdm") is not None:
-            from tqdm import tqdm
+        from tqdm import tqdm
 
-            self._bar = tqdm(
-                total=total,
-                unit="it",
-                desc="train",
-                disable=not self._terminal,
-                leave=False,
-                dynamic_ncols=True,
-            )
+        self._done = 0
+        self._bar = tqdm(
+            total=total,
+            unit="it",
+            desc="train",
+            disable=not sys.stderr.isatty(),
+            leave=False,
+            dynamic_ncols=True,
+        )
 
     def update(self, history: Any) -> None:
         done = len(history.losses)
         if done == self._done or not history.losses:
             return
-        loss = history.losses[-1]
-        if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            self._bar.update(done - self._done)
-        elif self._terminal:
-            rate = done / max(time.perf_counter() - self._started, 1e-9)
-            sys.stderr.write(
-                f"\r\x1b[Ktrain {done}/{self._total} ({100 * done // self._total}%) "
-                f"loss {loss:.4f}, {rate:,.0f} it/s"
-            )
-            sys.stderr.flush()
-            self._line_shown = True
+        self._bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
+        self._bar.update(done - self._done)
         self._done = done
 
     def write(self, line: str) -> None:
-        """Print ``line`` to stdout without tearing the progress display."""
-        if self._bar is not None:
-            self._bar.write(line, file=sys.stdout)
-            return
-        if self._line_shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-            self._line_shown = False
-        print(line, flush=True)
+        """Print ``line`` to stdout without tearing the progress bar."""
+        self._bar.write(line, file=sys.stdout)
+        sys.stdout.flush()
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self._line_shown:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+        self._bar.close()
 
 
 # --------------------------------------------------------------------- info
@@ -572,10 +657,8 @@ def _run_info(args: argparse.Namespace) -> int:
         f"found in {found}" if found else f"not found (load_mnist downloads it to {cache_dir()})"
     )
     print(f"MNIST: {where}; {_EMBEDDED_SUBSET} is always available")
-    optional = [
-        f"{package} {_version_of(package)}" for package in ("matplotlib", "tqdm", "threadpoolctl")
-    ]
-    print(f"optional packages: {', '.join(optional)}")
+    optional = [f"{package} {_version_of(package)}" for package in ("matplotlib", "threadpoolctl")]
+    print(f"packages: tqdm {_version_of('tqdm')}; optional: {', '.join(optional)}")
     return 0
 
 

@@ -4,6 +4,11 @@ Files are looked for in the ``data_dir`` argument, then ``$FASTGRAD_DATA_DIR``,
 then the user cache, and downloaded into the cache as a last resort. Every
 file's decompressed bytes are checked against the known SHA-256 before use: a
 file that fails is reported, never used. No pickle is read or written.
+
+Downloads come from :data:`MIRRORS`, or from ``$FASTGRAD_MNIST_URL`` (a mirror
+of one's own); ``$FASTGRAD_DOWNLOAD_TIMEOUT`` bounds each wait. A failed
+download, whatever the cause, is one :class:`MNISTUnavailableError` and leaves
+no partial file behind.
 """
 
 from __future__ import annotations
@@ -11,11 +16,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
-import sys
 import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,10 @@ __all__ = [
 ]
 
 ENV_DATA_DIR = "FASTGRAD_DATA_DIR"
+#: One or more base URLs (space-separated) to download MNIST from instead of :data:`MIRRORS`.
+ENV_MNIST_URL = "FASTGRAD_MNIST_URL"
+#: Seconds a download waits for a connection or for more bytes (default 30).
+ENV_DOWNLOAD_TIMEOUT = "FASTGRAD_DOWNLOAD_TIMEOUT"
 
 #: Public mirrors serving the four ``.gz`` files, tried in order.
 MIRRORS: tuple[str, ...] = (
@@ -298,18 +307,43 @@ def download(
     names: Sequence[str] = tuple(CHECKSUMS),
     directory: str | os.PathLike[str] | None = None,
     mirrors: Sequence[str] | None = None,
+    timeout: float | None = None,
 ) -> None:
-    """Download MNIST files from the public mirrors into ``directory`` (the cache).
+    """Download MNIST files into ``directory`` (the cache), verified, or not at all.
 
     Each file is streamed to a temporary file next to its destination, checked
     against the known SHA-256 of its decompressed content and only then renamed
-    into place, so an interrupted or bad download never leaves a file that
-    looks complete.
+    into place. Whatever goes wrong (no network, a refused or cut connection, a
+    server that does not speak HTTP, an HTTP error, a damaged copy, a timeout,
+    an interrupt), the temporary file is removed: no partial file is left, and
+    the next mirror is tried.
+
+    Parameters
+    ----------
+    names
+        Which of the four files, named without ``.gz``.
+    directory
+        Where to put them; :func:`cache_dir` by default.
+    mirrors
+        Base URLs tried in order, each followed by ``<name>.gz`` (``http``,
+        ``https`` or ``file``). Default: ``$FASTGRAD_MNIST_URL`` when set (one
+        or more base URLs separated by spaces), else :data:`MIRRORS`.
+    timeout
+        Seconds to wait for a connection, or for the next bytes of a file,
+        before giving up on a mirror. Default: ``$FASTGRAD_DOWNLOAD_TIMEOUT``
+        when set, else 30.
 
     Raises
     ------
     MNISTUnavailableError
-        No mirror delivered a good copy of some file (offline, or every copy bad).
+        No mirror delivered a good copy of some file, or ``directory`` cannot
+        be written; the message says why for each mirror.
+    MNISTError
+        ``$FASTGRAD_MNIST_URL`` or ``$FASTGRAD_DOWNLOAD_TIMEOUT`` is malformed.
+    ValueError
+        A name is not an MNIST file, or ``mirrors`` or ``timeout`` is malformed.
+    TypeError
+        ``timeout`` is not a number.
 
     Examples
     --------
@@ -320,28 +354,99 @@ def download(
     for name in names:
         if name not in CHECKSUMS:
             raise ValueError(f"{name!r} is not an MNIST file; choose from {sorted(CHECKSUMS)}")
+    bases = _mirror_bases(mirrors)
+    seconds = _timeout_seconds(timeout)
     if not names:
         return
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unwritable(target, error) from None
     for name in names:
-        _download_one(name, target, tuple(MIRRORS if mirrors is None else mirrors))
+        _download_one(name, target, bases, seconds)
 
 
-def _download_one(name: str, target: Path, mirrors: tuple[str, ...]) -> None:
-    failures = []
+def _mirror_bases(mirrors: Sequence[str] | None) -> tuple[str, ...]:
+    """The base URLs to try, each ending in ``/``; checked, so a typo is named at once."""
+    from urllib.parse import urlsplit
+
+    if mirrors is not None:
+        where, given = "mirrors", list(mirrors)
+    elif os.environ.get(ENV_MNIST_URL, "").strip():
+        where, given = f"${ENV_MNIST_URL}", os.environ[ENV_MNIST_URL].split()
+    else:
+        return MIRRORS
+    fail: type[Exception] = ValueError if mirrors is not None else MNISTError
+    bases = []
+    for base in given:
+        parts = urlsplit(base) if isinstance(base, str) else None
+        if parts is None or not (
+            (parts.scheme in ("http", "https") and parts.netloc)
+            or (parts.scheme == "file" and parts.path)
+        ):
+            raise fail(
+                f"{where}: {base!r} is not an http://, https:// or file:// base URL; give the "
+                "folder that holds the four .gz files, e.g. https://example.org/mnist/"
+            )
+        bases.append(base if base.endswith("/") else f"{base}/")
+    return tuple(bases)
+
+
+def _timeout_seconds(timeout: float | None) -> float:
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.floating)):
+            raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+        where, text = "timeout", repr(timeout)
+    elif os.environ.get(ENV_DOWNLOAD_TIMEOUT, "").strip():
+        where, text = f"${ENV_DOWNLOAD_TIMEOUT}", repr(os.environ[ENV_DOWNLOAD_TIMEOUT])
+    else:
+        return _DOWNLOAD_TIMEOUT_S
+    try:
+        seconds = float(timeout if timeout is not None else os.environ[ENV_DOWNLOAD_TIMEOUT])
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        fail: type[Exception] = ValueError if timeout is not None else MNISTError
+        raise fail(f"{where}={text} is not a number of seconds > 0; unset it or give e.g. 30")
+    return seconds
+
+
+def _unwritable(target: Path, error: OSError) -> MNISTUnavailableError:
+    reason = error.strerror or str(error)
+    return MNISTUnavailableError(
+        f"cannot write the MNIST download to {target} ({reason}); make it writable, set "
+        f"XDG_CACHE_HOME to a writable folder, or pass data_dir= / set ${ENV_DATA_DIR}",
+        brief=f"not in {target}, which cannot be written ({reason})",
+    )
+
+
+def _download_one(name: str, target: Path, mirrors: tuple[str, ...], timeout: float) -> None:
+    import http.client
+
+    # Everything a mirror can do wrong: OSError covers the refused, reset and
+    # timed-out connections and urllib's URLError/HTTPError; HTTPException is a
+    # reply that is not HTTP; MNISTCorruptError a copy that fails its check.
+    failures_of_a_mirror = (OSError, http.client.HTTPException, MNISTCorruptError)
+    failures: list[str] = []
     for mirror in mirrors:
         url = f"{mirror}{name}.gz"
-        handle, temp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=target)
+        try:
+            handle, temp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=target)
+        except OSError as error:
+            raise _unwritable(target, error) from None
         temp_path = Path(temp_name)
         try:
             with os.fdopen(handle, "wb") as out:
-                _fetch(url, out, label=f"{name}.gz")
-            read_idx(temp_path, CHECKSUMS[name])
-        except (OSError, MNISTCorruptError) as error:
+                _fetch(url, out, f"{name}.gz", timeout)
+            _check_copy(temp_path, name)
+            os.replace(temp_path, target / f"{name}.gz")
+        except failures_of_a_mirror as error:
             temp_path.unlink(missing_ok=True)
-            failures.append(f"{url}: {_short_reason(error)}")
+            failures.append(f"{url}: {_describe_failure(error, timeout)}")
             continue
-        os.replace(temp_path, target / f"{name}.gz")
+        except BaseException:  # an interrupt, or a bug: still no partial file
+            temp_path.unlink(missing_ok=True)
+            raise
         return
     first_reason = failures[0].split(": ", 1)[-1] if failures else "no mirror configured"
     raise MNISTUnavailableError(
@@ -351,48 +456,79 @@ def _download_one(name: str, target: Path, mirrors: tuple[str, ...]) -> None:
     )
 
 
-def _fetch(url: str, out: io.BufferedWriter, label: str) -> None:
-    """Stream ``url`` into ``out`` with a progress display on stderr."""
+def _fetch(url: str, out: io.BufferedWriter, label: str, timeout: float) -> None:
+    """Stream ``url`` into ``out``, with a progress bar when stderr is a terminal."""
+    import http.client
     import urllib.request  # imports ssl and http: only worth it when downloading
 
-    with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-        total = int(response.headers.get("Content-Length") or 0)
-        show = _progress_printer(label, total)
+    from tqdm import tqdm
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        total = _content_length(response)
         done = 0
-        while chunk := response.read(1 << 16):
-            out.write(chunk)
-            done += len(chunk)
-            show(done, False)
-        show(done, True)
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=label, leave=False, disable=None
+        ) as bar:
+            try:
+                while chunk := response.read(1 << 16):
+                    out.write(chunk)
+                    done += len(chunk)
+                    bar.update(len(chunk))
+            except http.client.IncompleteRead:
+                pass  # some Python versions raise here, others return b"": checked below
+            except TimeoutError:
+                raise ConnectionError(
+                    f"the download stalled: nothing for {timeout:g} s after {done:,} bytes "
+                    f"(${ENV_DOWNLOAD_TIMEOUT} sets the limit)"
+                ) from None
+        # A connection closed early ends the stream like a finished one.
+        if total is not None and done != total:
+            raise ConnectionError(
+                f"the connection closed after {done:,} of the {total:,} bytes announced"
+            )
 
 
-def _progress_printer(label: str, total: int) -> Callable[[int, bool], None]:
-    """A minimal download meter; tqdm's when installed."""
+def _content_length(response: Any) -> int | None:
     try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
-        bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=label, leave=False)
-
-        def update_bar(done: int, finished: bool) -> None:
-            bar.update(done - bar.n)
-            if finished:
-                bar.close()
-
-        return update_bar
-
-    def update_line(done: int, finished: bool) -> None:
-        share = f" {100 * done // total:3d}%" if total else ""
-        end = "\n" if finished else ""
-        print(f"\rdownloading {label}:{share} {done / 1e6:.1f} MB", end=end, file=sys.stderr)
-
-    return update_line
+        length = int(response.headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return length if length >= 0 else None
 
 
-def _short_reason(error: BaseException) -> str:
-    reason = getattr(error, "reason", None)
-    return str(reason if reason is not None else error).splitlines()[0]
+def _check_copy(path: Path, name: str) -> None:
+    """Refuse a downloaded copy whose decompressed content is not the MNIST file."""
+    raw = path.read_bytes()
+    if raw.startswith(_GZIP_MAGIC):
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as error:
+            raise MNISTCorruptError(f"the copy served is not valid gzip data ({error})") from None
+    actual = hashlib.sha256(raw).hexdigest()
+    if actual != CHECKSUMS[name]:
+        raise MNISTCorruptError(
+            f"the copy served fails its checksum (sha256 {actual[:16]}..., expected "
+            f"{CHECKSUMS[name][:16]}...)"
+        )
+
+
+def _describe_failure(error: BaseException, timeout: float) -> str:
+    """One line saying what went wrong with a mirror."""
+    import http.client
+    import urllib.error
+
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, TimeoutError):
+        return f"no answer within {timeout:g} s (${ENV_DOWNLOAD_TIMEOUT} sets the limit)"
+    if isinstance(reason, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    if isinstance(reason, http.client.HTTPException):
+        said = ascii(str(reason))[:60]
+        return f"the server does not speak HTTP ({type(reason).__name__}: {said})"
+    lines = str(reason).splitlines()
+    return lines[0] if lines else type(reason).__name__
 
 
 # ----------------------------------------------------------- embedded subset

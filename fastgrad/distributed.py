@@ -64,7 +64,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fastgrad.backends._base import Backend, _scalar, _stack_values
+from fastgrad.backends._base import (
+    SNAPSHOT_COMPARES,
+    Backend,
+    _check_unchanged,
+    _element_changed,
+    _scalar,
+    _stack_values,
+)
 from fastgrad.errors import BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -319,10 +326,11 @@ def gradient_on_cluster(
     if method == "forward" or elements_per_task is None:
         # The local loop's f(x) for "forward", and in any case the cost of one call.
         started = time.perf_counter()
+        # On copies: x is never written with a client, and f may write its argument.
         if batched:
-            base_value = _stack_values(f, x.reshape(-1)[None, :], x.shape, 1)[0]
+            base_value = _stack_values(f, x.reshape(-1)[None, :].copy(), x.shape, 1)[0]
         else:
-            base_value = _scalar(f(x), "f(x)")
+            base_value = _scalar(f(x.copy()), "f(x)")
         seconds = time.perf_counter() - started
     if method != "forward":
         base_value = None
@@ -362,33 +370,57 @@ def _gradient_chunk(payload: bytes, chunk: _Chunk) -> np.ndarray:
 
 
 def _differences(f: Callable[[Any], Any], x: Any, chunk: _Chunk) -> np.ndarray:
-    """:meth:`Backend.numerical_gradient`'s loop, over this chunk's elements only."""
+    """:meth:`Backend.numerical_gradient`'s loop, over this chunk's elements only.
+
+    As there, an ``f`` that writes to ``x`` is a ``RuntimeError``: the moved
+    element is checked after every call, the whole of ``x`` (the worker's
+    copy) against a snapshot at most ``SNAPSHOT_COMPARES`` times a chunk.
+    """
     h = chunk.h
-    grad = np.zeros(chunk.stop - chunk.start, dtype=x.dtype)
+    elements = chunk.stop - chunk.start
+    grad = np.zeros(elements, dtype=x.dtype)
+    snapshot = x.copy()
+    every = -(-elements // SNAPSHOT_COMPARES)
     for position, flat in enumerate(range(chunk.start, chunk.stop)):
         index = tuple(int(i) for i in np.unravel_index(flat, x.shape))
         original = x[index].copy()
-        sign = "+"
         try:
-            x[index] = original + h
-            plus = _scalar(f(x), "f(x + h)")
+            plus = _moved_value(f, x, index, original + h, "+", chunk, flat)
             if chunk.method == "central":
-                sign = "-"
-                x[index] = original - h
-                minus = _scalar(f(x), "f(x - h)")
+                minus = _moved_value(f, x, index, original - h, "-", chunk, flat)
                 grad[position] = (plus - minus) / (2 * h)
             else:
                 grad[position] = (plus - chunk.base_value) / h
-        except Exception as error:
-            add_note(
-                error,
-                f"raised by f with x{list(index)} moved by {sign}h (h={h:g}; flat element {flat} "
-                f"of {x.size}), on {worker_name()}",
-            )
-            raise
         finally:
             x[index] = original
+        if (position + 1) % every == 0 or position + 1 == elements:
+            _check_unchanged(np, x, snapshot, f"f at x{list(index)}")
     return grad
+
+
+def _moved_value(
+    f: Callable[[Any], Any],
+    x: Any,
+    index: tuple[int, ...],
+    moved: Any,
+    sign: str,
+    chunk: _Chunk,
+    flat: int,
+) -> float:
+    """``f(x)`` with ``x[index] = moved``; a note on ``f``'s own errors says where it ran."""
+    x[index] = moved
+    try:
+        value = _scalar(f(x), f"f(x {sign} h)")
+    except Exception as error:
+        add_note(
+            error,
+            f"raised by f with x{list(index)} moved by {sign}h (h={chunk.h:g}; flat element "
+            f"{flat} of {x.size}), on {worker_name()}",
+        )
+        raise
+    if x[index] != moved:
+        _element_changed(x, index, moved, f"f(x {sign} h)")
+    return value
 
 
 def _batched_differences(backend: Backend, f: Callable[[Any], Any], x: Any, chunk: _Chunk) -> Any:
@@ -398,6 +430,7 @@ def _batched_differences(backend: Backend, f: Callable[[Any], Any], x: Any, chun
     flat = x.reshape(-1)
     size = flat.shape[0]
     grad = xp.zeros(chunk.stop - chunk.start, dtype=x.dtype)
+    snapshot = x.copy()  # f must not write to x through a closure
     for start in range(chunk.start, chunk.stop, chunk.rows):
         stop = min(start + chunk.rows, chunk.stop)
         count = stop - start
@@ -410,6 +443,7 @@ def _batched_differences(backend: Backend, f: Callable[[Any], Any], x: Any, chun
             plus = _stack_values(f, stack, x.shape, count)
             if chunk.method == "central":
                 sign = "-"
+                stack[...] = flat  # rebuilt: f may have written to the +h stack, its argument
                 stack[rows, columns] = flat[start:stop] - h
                 minus = _stack_values(f, stack, x.shape, count)
                 grad[start - chunk.start : stop - chunk.start] = (plus - minus) / (2 * h)
@@ -422,4 +456,5 @@ def _batched_differences(backend: Backend, f: Callable[[Any], Any], x: Any, chun
                 f"{size}, each moved by {sign}h (h={h:g}), on {worker_name()}",
             )
             raise
+        _check_unchanged(xp, x, snapshot, f"f at elements {start}..{stop - 1}")
     return grad

@@ -229,7 +229,10 @@ def gradient_check(
         checked black-box, its ``params`` perturbed in place and restored
         bytewise afterwards, also when ``loss`` raises.
     x, t
-        The batch, passed to ``loss`` and ``gradient`` as they are.
+        The batch, passed to ``loss`` and ``gradient`` as they are. Floating-
+        point arrays (and lists of numbers) holding NaN or an infinity are
+        refused first, with the error of the rest of fastgrad (the argument
+        and the first bad index); so are non-finite parameters.
     mode
         ``"full"``, ``"sampled"`` or ``"fast"`` (see the module docstring); by
         default ``"full"`` for fastgrad's models and for models of at most
@@ -322,7 +325,8 @@ def check_gradients(
     """
     options = _Options.make(mode, h, rtol, atol, k, directions, seed)
     _check_client(client)
-    if isinstance(params, Mapping):
+    single = not isinstance(params, Mapping)
+    if not single:
         arrays = dict(params)
         if not isinstance(grads, Mapping):
             raise TypeError("params is a dict, so grads must be a dict with the same keys")
@@ -330,10 +334,10 @@ def check_gradients(
     else:
         arrays, analytic = {"x": params}, {"x": grads}
     target = _Target(
-        arrays=_checked_params(arrays, "params"),
+        arrays=_checked_params(arrays, "params", single),
         evaluate=f,
         what="f()",
-        analytic=_checked_grads(arrays, analytic, "grads"),
+        analytic=_checked_grads(arrays, analytic, "grads", single),
     )
     return _run(target, options, raise_on_failure, client)
 
@@ -444,34 +448,74 @@ def _host(array: Any) -> np.ndarray:
     return np.array(array, dtype=np.float64, copy=True)
 
 
-def _checked_params(arrays: dict[str, Any], where: str) -> dict[str, Any]:
+def _label(where: str, name: str, single: bool) -> str:
+    """How errors call an array: ``params['W']``, or ``params`` when it is a single array."""
+    return where if single else f"{where}[{name!r}]"
+
+
+_PARAMS_REMEDY = (
+    "a gradient check needs finite parameters (a diverged training run, a bad checkpoint, or "
+    "an assignment to them)"
+)
+_GRADS_REMEDY = "an analytic gradient must be finite (check the backprop that computed it)"
+
+
+def _refuse_nonfinite(value: Any, name: str, remedy: str | None = None) -> None:
+    """Refuse NaN and infinities in a floating-point array (or list of numbers) ``value``.
+
+    The error of :func:`fastgrad._validation.check_finite`: the name, the value
+    and the first bad index. Anything else (integer labels, objects a
+    hand-written model understands) is left to the model.
+    """
+    from fastgrad._validation import check_finite
+    from fastgrad.backends import backend_of, get_backend
+
+    array = value
+    if isinstance(value, (list, tuple)):
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError):  # ragged or not numbers: the model's business
+            return
+    if np.dtype(getattr(array, "dtype", np.dtype(object))).kind != "f":
+        return
+    backend = get_backend(backend_of(array) or "numpy")
+    if remedy is None:
+        check_finite(backend, array, name)
+    else:
+        check_finite(backend, array, name, remedy)
+
+
+def _checked_params(arrays: dict[str, Any], where: str, single: bool = False) -> dict[str, Any]:
     if not arrays:
         raise ValueError(f"{where} is empty: there is nothing to check")
     for name, array in arrays.items():
+        label = _label(where, name, single)
         dtype = getattr(array, "dtype", None)
         if dtype is None or not hasattr(array, "shape") or not hasattr(array, "__setitem__"):
             raise TypeError(
-                f"{where}[{name!r}] must be a NumPy or CuPy array (the check perturbs it in "
+                f"{label} must be a NumPy or CuPy array (the check perturbs it in "
                 f"place), got {type(array).__name__}"
             )
         if not np.issubdtype(np.dtype(dtype), np.floating):
-            raise TypeError(
-                f"{where}[{name!r}] has dtype {dtype}; parameters must be floating-point arrays"
-            )
+            raise TypeError(f"{label} has dtype {dtype}; parameters must be floating-point arrays")
         flags = getattr(array, "flags", None)
         if flags is not None and not getattr(flags, "writeable", True):
             raise ValueError(
-                f"{where}[{name!r}] is read-only; the check perturbs parameters in place "
+                f"{label} is read-only; the check perturbs parameters in place "
                 "(pass a writeable array)"
             )
         if array.size == 0:
-            raise ValueError(f"{where}[{name!r}] is empty (shape {tuple(array.shape)})")
+            raise ValueError(f"{label} is empty (shape {tuple(array.shape)})")
+        _refuse_nonfinite(array, label, _PARAMS_REMEDY)
     return arrays
 
 
-def _checked_grads(arrays: dict[str, Any], grads: Any, where: str) -> dict[str, np.ndarray]:
+def _checked_grads(
+    arrays: dict[str, Any], grads: Any, where: str, single: bool = False
+) -> dict[str, np.ndarray]:
     if not isinstance(grads, Mapping):
         raise TypeError(f"{where} must be a dict like params, got {type(grads).__name__}")
+    labels = {name: _label(where, name, single) for name in arrays}
     missing = [name for name in arrays if name not in grads]
     extra = [name for name in grads if name not in arrays]
     if missing or extra:
@@ -486,14 +530,13 @@ def _checked_grads(arrays: dict[str, Any], grads: Any, where: str) -> dict[str, 
         grad = grads[name]
         shape = tuple(getattr(grad, "shape", np.shape(grad)))
         if shape != tuple(array.shape):
+            parameter = _label("params", name, single)
             raise ValueError(
-                f"{where}[{name!r}] has shape {shape} but params[{name!r}] has shape "
+                f"{labels[name]} has shape {shape} but {parameter} has shape "
                 f"{tuple(array.shape)}; a gradient has its parameter's shape"
             )
         host = _host(grad)
-        if not np.isfinite(host).all():
-            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(host))[0])
-            raise ValueError(f"{where}[{name!r}] holds {host[bad]} at index {list(bad)}")
+        _refuse_nonfinite(host, labels[name], _GRADS_REMEDY)
         analytic[name] = host
     return analytic
 
@@ -511,7 +554,9 @@ def _model_target(model: Any, x: Any, t: Any) -> _Target:
     if not isinstance(model.params, Mapping):
         raise TypeError(f"model.params must be a dict of arrays, got {type(model.params).__name__}")
     if isinstance(model, MultiLayerNet):
-        return _own_model_target(model, x, t)
+        return _own_model_target(model, x, t)  # its own methods check x, t and params
+    _refuse_nonfinite(x, "x")
+    _refuse_nonfinite(t, "t")
     arrays = _checked_params(dict(model.params), "model.params")
     analytic = _checked_grads(arrays, model.gradient(x, t), "model.gradient(x, t)")
     target = _Target(arrays, lambda: model.loss(x, t), "model.loss(x, t)", analytic)
@@ -668,8 +713,11 @@ def _perturbed_losses(
     h = step_option if step_option is not None else eps ** (1 / 3) * max(1.0, abs(theta))
     values = {}
     taken = {}
+    largest = float(np.finfo(dtype).max)
     try:
         for step in (h, -h, h / 2, -h / 2):
+            if not abs(theta + step) <= largest:
+                raise _beyond_range(f"{name}{list(index)} = {theta:g}", abs(step), dtype)
             array[index] = dtype.type(theta + step)
             moved = float(array[index]) - theta
             if moved == 0.0:
@@ -683,6 +731,14 @@ def _perturbed_losses(
     finally:
         array[index] = original
     return h, values, taken
+
+
+def _beyond_range(what: str, step: float, dtype: np.dtype) -> ValueError:
+    """The error of a step that would move ``what`` beyond the range of ``dtype``."""
+    return ValueError(
+        f"the step {step:g} moves {what} beyond the range of {dtype.name} "
+        f"(±{float(np.finfo(dtype).max):.3g}); pass a smaller h= or rescale the parameters"
+    )
 
 
 @dataclass(frozen=True)
@@ -917,7 +973,10 @@ class _Checker:
             values, predicted = {}, {}
             try:
                 for s in (step, -step, step / 2, -step / 2):
-                    moved = (host + s * u).astype(dtype)
+                    with np.errstate(over="ignore"):  # refused just below
+                        moved = (host + s * u).astype(dtype)
+                    if not np.isfinite(moved).all():
+                        raise _beyond_range(f"{name} (along a random direction)", abs(s), dtype)
                     array[...] = _like(array, moved)
                     predicted[s] = float(np.sum(grad * (moved.astype(np.float64) - host)))
                     values[s] = self.target.loss(f"at {name} moved along a random direction")

@@ -3,12 +3,16 @@
 Figures are built with matplotlib's object-oriented API (``Figure``), never
 through ``pyplot``: no GUI backend is chosen, so they render headless (Agg)
 anywhere, and no global figure registry keeps them alive. matplotlib is
-imported on the first call, so ``import fastgrad.plot`` stays light.
+imported on the first call, so ``import fastgrad.plot`` stays light. A figure
+given a path is rendered in memory and written atomically (a temporary file,
+then a rename), in the format the path's suffix names.
 """
 
 from __future__ import annotations
 
+import io
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,9 +48,20 @@ def _new_figure(width: float = 6.4, height: float = 4.8) -> Figure:
 
 
 def _finish(figure: Figure, path: PathLike) -> Figure:
+    """Save ``figure`` to ``path`` (when given) atomically, in the format its suffix names.
+
+    The image is rendered in memory and then written by a temporary file and a
+    rename, so a failure while drawing or writing leaves no partial file, and
+    a reader never sees half a figure. A path without a suffix gets PNG.
+    """
     if path is not None:
-        # Agg writes PNG without any display; savefig picks it from the suffix.
-        figure.savefig(os.fspath(path), dpi=100)
+        from fastgrad.checkpoint import atomic_write_bytes
+
+        target = Path(os.fspath(path))
+        buffer = io.BytesIO()
+        # Agg renders without any display; the format comes from the suffix, as savefig's.
+        figure.savefig(buffer, format=target.suffix[1:].lower() or "png", dpi=100)
+        atomic_write_bytes(target, buffer.getvalue())
     return figure
 
 

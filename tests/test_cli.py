@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +13,16 @@ from pathlib import Path
 import pytest
 
 from fastgrad import MultiLayerNet, TwoLayerNet, cli, data
+from fastgrad.backends import available_backends, unavailable_reason
 from fastgrad.checkpoint import load_params
-from fastgrad.train import TrainingHistory
+from fastgrad.train import EpochRecord, TrainingHistory
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def fastgrad_command(*arguments: str, env: dict[str, str] | None = None, cwd: Path | None = None):
-    environment = {**os.environ, **(env or {})}
-    environment.pop("FASTGRAD_BACKEND", None)
+    environment = {name: value for name, value in os.environ.items() if name != "FASTGRAD_BACKEND"}
+    environment.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "fastgrad", *arguments],
         capture_output=True,
@@ -45,10 +49,13 @@ def test_train_on_the_embedded_subset(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    # The default is the chapter's net, and the header says so.
+    # The default is the chapter's net on the fastest backend here, and the header says so.
+    here = available_backends()
+    fastest = next(name for name in ("cupy", "numba", "numpy") if name in here)
     assert result.stdout.startswith(
         "training TwoLayerNet 784-50-10 (sigmoid hidden layers, weight init std 0.01, "
-        "weight decay 0; 39,760 float64 parameters on numpy) on mnist-mini"
+        f"weight decay 0; 39,760 float64 parameters) on {fastest} (auto: fastest available "
+        "here) with mnist-mini"
     )
     assert "epoch  iteration  train acc  test acc" in result.stdout
     assert "final: train acc" in result.stdout
@@ -92,12 +99,12 @@ def test_bad_flags_are_one_line(arguments, fragment):
 def test_a_deep_relu_net_learns(tmp_path):
     result = fastgrad_command(
         "train", "--dataset", "mini", "--hidden", "100,100,100", "--activation", "relu",
-        "--iters", "300", "--seed", "0", "--out", str(tmp_path),
+        "--iters", "300", "--seed", "0", "--out", str(tmp_path), "--backend", "numpy",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(
         "training MultiLayerNet 784-100-100-100-10 (relu hidden layers, weight init He "
-        "(sqrt(2/fan_in)), weight decay 0; 99,710 float64 parameters on numpy)"
+        "(sqrt(2/fan_in)), weight decay 0; 99,710 float64 parameters) on numpy with"
     )
     history = TrainingHistory.load(tmp_path / "history.json")
     assert history.config["layer_sizes"] == [784, 100, 100, 100, 10]
@@ -128,7 +135,7 @@ def test_a_deep_relu_net_learns(tmp_path):
 def test_flags_choose_the_net(tmp_path, capsys, flags, model, activation, weight_init, decay):
     status = cli.main(
         ["train", "--dataset", "mini", "--iters", "2", "--seed", "0", "--out", str(tmp_path),
-         *flags]
+         "--backend", "numpy", *flags]
     )
     assert status == 0, capsys.readouterr().err
     assert capsys.readouterr().out.startswith(f"training {model} 784-")
@@ -185,7 +192,7 @@ def test_offline_mnist_falls_back_to_the_embedded_subset(monkeypatch, tmp_path, 
     monkeypatch.delenv("FASTGRAD_BACKEND", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
-    def offline(url, out, label):
+    def offline(url, out, label, timeout):
         raise OSError("network disabled in tests")
 
     monkeypatch.setattr(data, "_fetch", offline)
@@ -195,3 +202,188 @@ def test_offline_mnist_falls_back_to_the_embedded_subset(monkeypatch, tmp_path, 
     notes = [line for line in captured.err.splitlines() if "full MNIST is unavailable" in line]
     assert len(notes) == 1 and "embedded subset" in notes[0]
     assert TrainingHistory.load(tmp_path / "run" / "history.json").config["dataset"] == "mnist-mini"
+
+
+# ------------------------------------------------------------ --backend auto
+needs_numba = pytest.mark.skipif(
+    importlib.util.find_spec("numba") is None, reason="needs numba installed"
+)
+
+
+@needs_numba
+def test_auto_is_the_default_and_picks_numba_when_it_runs(tmp_path):
+    # FASTGRAD_REQUIRE_BACKENDS=numba in CI: numba must be usable there, so auto must take it.
+    if "numba" not in available_backends():
+        pytest.skip(f"numba cannot run here: {unavailable_reason('numba')}")
+    result = fastgrad_command(
+        "train", "--dataset", "mini", "--iters", "3", "--seed", "0", "--out", str(tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[0]
+    if "cupy" in available_backends():
+        assert " on cupy (auto: fastest available here) with mnist-mini" in header
+    else:
+        assert " on numba (auto: fastest available here) with mnist-mini" in header
+        assert TrainingHistory.load(tmp_path / "history.json").config["backend"] == "numba"
+    assert result.stderr == ""
+
+
+@needs_numba
+def test_auto_passes_over_a_numba_that_cannot_start_and_says_why(tmp_path):
+    result = fastgrad_command(
+        "train", "--dataset", "mini", "--iters", "3", "--seed", "0", "--out", str(tmp_path),
+        env={"NUMBA_NUM_THREADS": "0"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert " on numpy (auto: fastest available here) with mnist-mini" in result.stdout
+    assert result.stderr.splitlines() == [
+        "fastgrad: note: --backend auto passes over numba: backend 'numba' cannot start: "
+        f"NUMBA_NUM_THREADS='0' is not a thread count: unset it or set 1..{os.cpu_count()}"
+    ]
+    assert TrainingHistory.load(tmp_path / "history.json").config["backend"] == "numpy"
+
+
+def test_auto_takes_the_first_backend_the_registry_says_can_run(monkeypatch):
+    import fastgrad.backends as registry
+
+    fake_cupy = object()
+    verdicts = {"cupy": None, "numba": "numba is fine but slower", "numpy": None}
+    monkeypatch.setattr(registry, "unavailable_reason", lambda name: verdicts[name])
+    real_get = registry.get_backend
+    monkeypatch.setattr(
+        registry, "get_backend", lambda name=None: fake_cupy if name == "cupy" else real_get(name)
+    )
+    monkeypatch.delenv("FASTGRAD_BACKEND", raising=False)
+    assert cli._choose_backend(None) == (fake_cupy, " (auto: fastest available here)")
+    verdicts["cupy"] = "no CUDA device"
+    verdicts["numba"] = "made unavailable by the test"
+    backend, how = cli._choose_backend("auto")
+    assert (backend.name, how) == ("numpy", " (auto: fastest available here)")
+
+
+def test_an_explicit_backend_or_the_variable_beats_auto(tmp_path, monkeypatch, capsys):
+    status = cli.main(
+        ["train", "--dataset", "mini", "--iters", "2", "--backend", "numpy", "--out",
+         str(tmp_path / "flag")]
+    )
+    assert status == 0
+    assert "parameters) on numpy with mnist-mini" in capsys.readouterr().out
+    monkeypatch.setenv("FASTGRAD_BACKEND", "numpy")
+    status = cli.main(["train", "--dataset", "mini", "--iters", "2", "--out", str(tmp_path / "e")])
+    assert status == 0
+    assert "parameters) on numpy (from $FASTGRAD_BACKEND) with" in capsys.readouterr().out
+
+
+def test_a_bad_backend_variable_is_one_line(tmp_path):
+    result = fastgrad_command(
+        "train", "--dataset", "mini", "--out", str(tmp_path), env={"FASTGRAD_BACKEND": "tpu"}
+    )
+    assert_one_line_error(result, "FASTGRAD_BACKEND='tpu' names an unknown backend")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------ NUMBA_NUM_THREADS
+@needs_numba
+@pytest.mark.parametrize("value", ["0", "-2", "abc", ""])
+def test_a_bad_numba_thread_count_is_reported_by_info(value):
+    result = fastgrad_command("info", env={"NUMBA_NUM_THREADS": value})
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr == ""
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("  numba ")]
+    assert line == (
+        f"  numba  unavailable: backend 'numba' cannot start: NUMBA_NUM_THREADS={value!r} is "
+        f"not a thread count: unset it or set 1..{os.cpu_count()}"
+    )
+    assert "  numpy  available" in result.stdout
+
+
+@needs_numba
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_a_bad_numba_thread_count_stops_a_numba_run_in_one_line(tmp_path, value):
+    out = tmp_path / "run"
+    result = fastgrad_command(
+        "train", "--backend", "numba", "--dataset", "mini", "--iters", "2", "--out", str(out),
+        env={"NUMBA_NUM_THREADS": value},
+    )
+    assert_one_line_error(
+        result, f"NUMBA_NUM_THREADS={value!r} is not a thread count: unset it or set 1.."
+    )
+    assert result.returncode == 1 and not out.exists()
+
+
+@needs_numba
+def test_a_good_numba_thread_count_is_accepted():
+    result = fastgrad_command("info", env={"NUMBA_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "  numba  available" in result.stdout
+
+
+# ------------------------------------------------------------ the epoch table
+ROW = re.compile(r"^ *\d+\.\d\d +\d+ +\d\.\d{4} +\d\.\d{4} +\d+\.\ds$")
+
+
+def synthetic_run(evaluations: int) -> TrainingHistory:
+    return TrainingHistory(
+        epochs=[EpochRecord(float(e), 10 * e, 0.5, 0.5) for e in range(evaluations)]
+    )
+
+
+def table_rows(evaluations: int, feed_one_by_one: bool = True) -> list[str]:
+    lines: list[str] = []
+    iters = 10 * (evaluations - 1)
+    table = cli._EpochTable(lines.append, evaluations, iters)
+    run = synthetic_run(evaluations)
+    partial = TrainingHistory()
+    for record in run.epochs if feed_one_by_one else []:
+        partial.epochs.append(record)
+        table.update(partial)
+    table.finish(run)
+    return [line for line in lines if ROW.match(line)]
+
+
+def test_the_table_of_101_epochs_has_at_most_25_rows_first_and_last_included():
+    rows = table_rows(102)  # the evaluation before training, then one per epoch
+    assert len(rows) <= 25
+    epochs = [float(row.split()[0]) for row in rows]
+    assert epochs[0] == 0.0 and epochs[-1] == 101.0
+    assert epochs == sorted(set(epochs))
+    # Evenly spaced between the first and the last.
+    steps = {b - a for a, b in itertools.pairwise(epochs[:-1])}
+    assert len(steps) == 1
+
+
+@pytest.mark.parametrize("evaluations", [1, 2, 3, 24, 25, 26, 27, 48, 49, 50, 101, 1000, 10001])
+def test_the_table_never_passes_25_rows(evaluations):
+    rows = table_rows(evaluations)
+    assert len(rows) <= 25
+    assert float(rows[0].split()[0]) == 0.0
+    assert float(rows[-1].split()[0]) == evaluations - 1
+    if evaluations <= 25:
+        assert len(rows) == evaluations  # a short run shows every evaluation
+
+
+def test_the_table_shows_the_last_evaluation_before_a_divergence():
+    lines: list[str] = []
+    table = cli._EpochTable(lines.append, 102, 1010)
+    history = synthetic_run(8)  # stopped by a divergence after the 8th evaluation
+    table.update(history)
+    assert [float(line.split()[0]) for line in lines if ROW.match(line)] == [0.0, 5.0]
+    table.finish(history)
+    assert [float(line.split()[0]) for line in lines if ROW.match(line)] == [0.0, 5.0, 7.0]
+    table.finish(history)  # shown once
+    assert len([line for line in lines if ROW.match(line)]) == 3
+
+
+def test_a_run_of_101_epochs_prints_a_short_table_and_keeps_every_epoch(tmp_path):
+    # batch 10,000 of the 10,000 subset images: one iteration per epoch.
+    result = fastgrad_command(
+        "train", "--dataset", "mini", "--iters", "101", "--batch-size", "10000", "--hidden", "4",
+        "--dtype", "float32", "--backend", "numpy", "--seed", "0", "--out", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if ROW.match(line)]
+    assert 20 <= len(rows) <= 25
+    assert rows[0].split()[:2] == ["0.00", "0"] and rows[-1].split()[:2] == ["101.00", "101"]
+    assert "(a row every 5 evaluations, and the last; history.json holds all 102)" in result.stdout
+    history = TrainingHistory.load(tmp_path / "history.json")
+    assert [record.iteration for record in history.epochs] == list(range(102))

@@ -39,7 +39,7 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.delenv(data.ENV_DATA_DIR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
-    def offline(url, out, label):
+    def offline(url, out, label, timeout):
         raise OSError(f"network disabled in tests ({url})")
 
     monkeypatch.setattr(data, "_fetch", offline)

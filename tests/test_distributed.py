@@ -501,3 +501,40 @@ def test_the_modules_example_runs():
     import_extra_or_skip("dask", "distributed")
     result = doctest.testmod(fg_distributed, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+def zeroing(x):
+    value = float(np.sum(x**2))
+    x[...] = 0.0  # writes the element it is differentiated at, and the rest
+    return value
+
+
+def drifting(x):
+    value = float(np.sum(x**2))
+    x.reshape(-1)[-1] += 1.0  # never the element moved first: found by the snapshot
+    return value
+
+
+def writing_through_closure(target, stack):
+    target[...] += 1.0
+    return (stack**2).sum(axis=1)
+
+
+@pytest.mark.parametrize("f", [zeroing, drifting], ids=["moved-element", "other-element"])
+def test_an_f_writing_x_on_a_worker_is_an_error_as_locally(client, f):
+    # On a worker f writes the worker's copy, not the caller's x; the
+    # gradient of a moving target would still be wrong, so it is an error.
+    x = point((6,))
+    before = x.copy()
+    with pytest.raises(RuntimeError, match=r"changed x: x\[\d\] held|changed x: x\[\d\] holds"):
+        fastgrad.numerical_gradient(f, x, client=client, elements_per_task=3)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_a_batched_f_writing_x_through_its_closure_is_an_error(client):
+    x = point((6,))
+    before = x.copy()
+    f = functools.partial(writing_through_closure, x)
+    with pytest.raises(RuntimeError, match="changed x"):
+        fastgrad.numerical_gradient(f, x, batched=True, client=client, elements_per_task=3)
+    np.testing.assert_array_equal(x, before)

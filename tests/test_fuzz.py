@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -351,24 +351,54 @@ def test_losses(backend, case):
 
 
 # --------------------------------------------------------- numerical gradients
+def _weighted_sine(a):
+    """``sum(sin(a) * linspace(-1, 1, a.size))``, as the Python ``f`` below; compiled."""
+    flat = a.reshape(a.size)
+    weights = np.linspace(-1.0, 1.0, flat.size)
+    return (np.sin(flat.astype(np.float64)) * weights).sum()
+
+
+def _weighted_sine_rows(stack):
+    rows = stack.reshape(stack.shape[0], -1)
+    weights = np.linspace(-1.0, 1.0, rows.shape[1])
+    out = np.empty(rows.shape[0])
+    for r in range(rows.shape[0]):
+        out[r] = (np.sin(rows[r].astype(np.float64)) * weights).sum()
+    return out
+
+
+try:
+    import numba
+except ImportError:  # the compiled f is drawn only where Numba is installed
+    COMPILED = None
+else:
+    # The Numba backend runs these in its parallel threads, each on its own copy of x.
+    COMPILED = (numba.njit(_weighted_sine), numba.njit(_weighted_sine_rows))
+
+
 @FUZZ
 @given(
     x=arrays(max_dims=2),
     h=st.sampled_from([1e-4, 1e-2, 0.5, 1e-9, 1e-30, 1e5]),
     method=st.sampled_from(["central", "forward"]),
     batched=st.booleans(),
+    compiled=st.booleans() if COMPILED else st.just(False),
 )
-def test_numerical_gradient(backend, x, h, method, batched):
+def test_numerical_gradient(backend, x, h, method, batched, compiled):
+    # A compiled f takes host arrays of the types Numba knows (no float16).
+    assume(not compiled or (backend.array_family == "numpy" and x.dtype != np.float16))
     if x.size > 2000:
         x = x.reshape(-1)[:2000]  # one call of f per element: keep it quick
     weights = np.linspace(-1.0, 1.0, x.size).reshape(x.shape)
     before = x.copy()
 
-    def f(a: np.ndarray) -> Any:
+    def python_f(a: np.ndarray) -> Any:
         values = np.sin(a.astype(np.float64)) * weights
         if batched:
             return values.reshape(len(a), -1).sum(axis=1)
         return float(values.sum())
+
+    f = python_f if not compiled else COMPILED[1] if batched else COMPILED[0]
 
     def rules() -> np.ndarray:
         refuse_complex(x, "x")
@@ -420,6 +450,90 @@ def test_numerical_gradient(backend, x, h, method, batched):
         rtol=tolerance(x.dtype),
         atol=slack + float(np.finfo(x.dtype).tiny),
     )
+
+
+# ------------------------------------------------------------ gradient checks
+@FUZZ
+@given(params=arrays(), as_dict=st.booleans())
+def test_check_gradients(backend, params, as_dict):
+    if params.size > 200:
+        params = params.reshape(-1)[:200]  # four losses per element: keep it quick
+    before = params.copy()
+    xp = backend.xp
+    w = backend.asarray(params.copy())
+    name = "params['w']" if as_dict else "params"
+
+    def f() -> float:
+        return float(xp.sum(xp.sin(w.astype(np.float64))))
+
+    analytic_host = np.zeros(params.shape)
+    if params.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):  # non-finite params are refused first
+            analytic_host = np.nan_to_num(np.cos(params.astype(np.float64)))
+    analytic = backend.asarray(analytic_host)
+
+    def rules() -> None:
+        if params.dtype.kind != "f":
+            raise Expected(TypeError, rf"^{re.escape(name)} has dtype .*floating-point arrays")
+        if params.size == 0:
+            raise Expected(ValueError, rf"^{re.escape(name)} is empty")
+        refuse_nonfinite(params, name)
+
+    def call() -> Any:
+        if as_dict:
+            return fastgrad.check_gradients(f, {"w": w}, {"w": analytic})
+        return fastgrad.check_gradients(f, w, analytic)
+
+    try:
+        rules()
+    except Expected as expected:
+        with pytest.raises(expected.kind, match=expected.pattern):
+            call()
+        np.testing.assert_array_equal(to_host(backend, w), before)
+        return
+    moderate = float(np.abs(params).max()) <= 1e3
+    try:
+        report = call()
+    except ValueError as error:
+        # Near the dtype's limits a step moves an element to infinity, or
+        # rounds to nothing: documented errors naming the element.
+        assert not moderate, str(error)
+        assert re.search(
+            r"returned (nan|inf|-inf) at params|rounds to nothing|beyond the range", str(error)
+        ), str(error)
+    else:
+        assert report.passed or not moderate, str(report)
+    np.testing.assert_array_equal(to_host(backend, w), before)  # restored bytewise
+
+
+class _IgnoresItsBatch:
+    """A hand-written model whose loss does not depend on ``x`` or ``t``."""
+
+    def __init__(self) -> None:
+        self.params = {"w": np.array([0.5, -1.0])}
+
+    def loss(self, x: Any, t: Any) -> float:
+        return float(np.sum(np.sin(self.params["w"])))
+
+    def gradient(self, x: Any, t: Any) -> dict[str, np.ndarray]:
+        return {"w": np.cos(self.params["w"])}
+
+
+@FUZZ
+@given(x=arrays(), t=arrays())
+def test_gradient_check_of_a_hand_written_model(x, t):
+    before = (x.copy(), t.copy())
+
+    def rules() -> None:
+        # Floating-point batches are checked like every input; the rest is the model's.
+        refuse_nonfinite(x, "x")
+        refuse_nonfinite(t, "t")
+
+    got, expected = outcome(lambda: fastgrad.gradient_check(_IgnoresItsBatch(), x, t), rules)
+    np.testing.assert_array_equal(x, before[0])
+    np.testing.assert_array_equal(t, before[1])
+    if expected is None:
+        assert got.passed
 
 
 # ----------------------------------------------------------------- the models

@@ -16,7 +16,7 @@ import pytest
 
 import fastgrad
 from fastgrad.testing import assert_function_gradients_close, assert_gradients_close
-from tests.conftest import mnist_like
+from tests.conftest import mnist_like, to_host
 
 
 # ------------------------------------------------------- a network written by hand
@@ -391,6 +391,119 @@ def test_bad_options_and_objects():
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         fastgrad.check_gradients(lambda: float(frozen.sum()), frozen, np.ones(3))
+
+
+# ------------------------------------------------------- non-finite inputs
+NONFINITE = [np.nan, np.inf, -np.inf]
+NONFINITE_IDS = ["nan", "inf", "-inf"]
+
+
+class Regression:
+    """Least squares in the book's protocol, with float targets; counts its calls."""
+
+    def __init__(self):
+        self.params = {"W": np.arange(6.0).reshape(3, 2) / 10, "b": np.array([0.5, -0.5])}
+        self.calls = 0
+
+    def loss(self, x, t):
+        self.calls += 1
+        return 0.5 * float(np.sum((np.asarray(x) @ self.params["W"] + self.params["b"] - t) ** 2))
+
+    def gradient(self, x, t):
+        self.calls += 1
+        error = np.asarray(x) @ self.params["W"] + self.params["b"] - t
+        return {"W": np.asarray(x).T @ error, "b": error.sum(axis=0)}
+
+
+def refused(call, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        call()
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def holds(name: str, value: float, index: list[int]) -> str:
+    return f"{name} holds {float(value)} at index {index}; "
+
+
+@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+def test_nonfinite_x_and_t_of_a_hand_written_model_are_named(value):
+    model = Regression()
+    x, t = np.ones((4, 3)), np.zeros((4, 2))
+    bad_x, bad_t = x.copy(), t.copy()
+    bad_x[2, 1] = bad_x[3, 0] = value  # the first in C order is named
+    bad_t[1, 0] = value
+    refused(
+        lambda: fastgrad.gradient_check(model, bad_x, t),
+        holds("x", value, [2, 1]) + "fastgrad refuses NaN and infinite inputs",
+    )
+    refused(lambda: fastgrad.gradient_check(model, x, bad_t), holds("t", value, [1, 0]))
+    listed = bad_x.tolist()
+    refused(lambda: fastgrad.gradient_check(model, listed, t), holds("x", value, [2, 1]))
+    assert model.calls == 0  # refused before the model runs
+    np.testing.assert_array_equal(bad_x[2], [1.0, value, 1.0])
+    np.testing.assert_array_equal(x, np.ones((4, 3)))
+
+
+@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+def test_nonfinite_parameters_of_a_hand_written_model_are_named(value):
+    model = Regression()
+    model.params["W"][1, 0] = value
+    before = {name: array.copy() for name, array in model.params.items()}
+    refused(
+        lambda: fastgrad.gradient_check(model, np.ones((4, 3)), np.zeros((4, 2))),
+        holds("model.params['W']", value, [1, 0]) + "a gradient check needs finite parameters",
+    )
+    assert model.calls == 0
+    for name, array in model.params.items():
+        np.testing.assert_array_equal(array, before[name])
+
+
+def test_inputs_a_hand_written_model_interprets_itself_are_passed_as_they_are():
+    # integer token ids, or objects only the model understands: not fastgrad's to check
+    model = Regression()
+    report = fastgrad.gradient_check(model, np.ones((4, 3), dtype=np.int64), np.zeros((4, 2)))
+    assert report.passed
+
+
+@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+def test_check_gradients_names_nonfinite_params_and_grads(backend, value):
+    w = backend.asarray(np.array([1.0, -2.0, 3.0]))
+    grads = 3 * w**2
+
+    def f():
+        return float((w**3).sum())
+
+    for params, gradients, name in (
+        (with_value(backend, w, 1, value), grads, "params"),
+        ({"w": with_value(backend, w, 1, value)}, {"w": grads}, "params['w']"),
+        (w, with_value(backend, grads, 2, value), "grads"),
+        ({"w": w}, {"w": with_value(backend, grads, 2, value)}, "grads['w']"),
+    ):
+        index = [2] if name.startswith("grads") else [1]
+        refused(lambda: fastgrad.check_gradients(f, params, gradients), holds(name, value, index))
+    np.testing.assert_array_equal(to_host(backend, w), [1.0, -2.0, 3.0])
+    assert fastgrad.check_gradients(f, w, grads).passed
+
+
+def test_a_step_beyond_the_dtype_is_refused_naming_the_element():
+    w = np.array([1.0, 3.39e38], dtype=np.float32)
+    with pytest.raises(ValueError) as caught:
+        fastgrad.check_gradients(lambda: float(np.sum(w.astype(np.float64))), w, np.ones(2))
+    assert str(caught.value).startswith(
+        # a single array is the report's parameter "x"
+        "the step 1.66841e+36 moves x[1] = 3.39e+38 beyond the range of float32 (±3.4e+38); "
+    ), str(caught.value)
+    big = np.full(200_001, 3.39e38, dtype=np.float32)  # fast mode: random directions
+    with pytest.raises(ValueError, match=r"moves x \(along a random direction\) beyond"):
+        fastgrad.check_gradients(lambda: float(big.astype(np.float64).sum()), big, np.ones(200_001))
+    np.testing.assert_array_equal(w, np.array([1.0, 3.39e38], dtype=np.float32))
+    assert (big == np.float32(3.39e38)).all()
+
+
+def with_value(backend, array, index, value):
+    copy = np.array(to_host(backend, array), copy=True)
+    copy[index] = value
+    return backend.asarray(copy)
 
 
 def test_sampled_mode_is_seeded_and_includes_the_largest_entries():

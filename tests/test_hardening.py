@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import gc
+import math
 import re
 import threading
 from collections.abc import Callable
@@ -710,6 +711,21 @@ def test_a_batched_f_may_write_or_return_views_of_its_own_argument(backend):
     np.testing.assert_array_equal(to_host(backend, x), [1.0, 2.0, 3.0])
 
 
+def test_a_batched_f_in_forward_mode_is_handed_a_copy_of_x_not_x(backend):
+    x = backend.asarray(np.array([1.0, 2.0, 3.0]))
+
+    def scribbling(stack):
+        values = (stack**2).sum(axis=1)
+        stack[...] = -5.0  # its own argument, also in the unperturbed call f(x)
+        return values
+
+    grad = fastgrad.numerical_gradient(
+        scribbling, x, method="forward", batched=True, backend=backend
+    )
+    np.testing.assert_allclose(to_host(backend, grad), [2.0, 4.0, 6.0], rtol=1e-3)
+    np.testing.assert_array_equal(to_host(backend, x), [1.0, 2.0, 3.0])
+
+
 def test_the_books_closure_over_a_model_is_not_mistaken_for_a_change(backend, rng):
     net = fastgrad.SimpleNet(seed=0, backend=backend)
     x, t = np.array([0.6, 0.9]), np.array([0.0, 0.0, 1.0])
@@ -717,6 +733,101 @@ def test_the_books_closure_over_a_model_is_not_mistaken_for_a_change(backend, rn
     grad = fastgrad.numerical_gradient(lambda _: net.loss(x, t), net.W, backend=backend)
     assert to_host(backend, grad).shape == (2, 3)
     np.testing.assert_array_equal(to_host(backend, net.W), W)
+
+
+# ------------------------------------------ large logits: no cancellation
+LARGE_LOGIT = 1e5
+# log(1 + e^-1 + e^-2 + e^-3): the loss of the largest of four logits one apart
+LOG_PARTITION = math.log1p(math.exp(-1.0) + math.exp(-2.0) + math.exp(-3.0))
+
+
+def large_logits(dtype: Any) -> np.ndarray:
+    """Logits ~1e5, one apart: exactly representable in float32 and float64."""
+    top = LARGE_LOGIT
+    rows = [[top, top - 1, top - 2, top - 3], [top - 3, top, top - 1, top - 2]]
+    return np.array(rows, dtype=dtype)
+
+
+def close_to_exact(got: Any, exact: float, dtype: Any) -> None:
+    # A few ulp of the loss itself; log-sum-exp minus z_label, taken in that
+    # order, loses ~1e-11 of it to cancellation against the logits of 1e5.
+    assert abs(float(got) - exact) <= 8 * float(np.finfo(dtype).eps) * exact, (float(got), exact)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_cross_entropy_of_large_logits_does_not_cancel(backend, dtype):
+    z = backend.asarray(large_logits(dtype))
+    labels = backend.asarray(np.array([0, 2]))
+    onehot = backend.asarray(np.eye(4, dtype=dtype)[[0, 2]])
+    before = snapshot(to_host(backend, z))
+    # row 0 picks the largest logit, row 1 one that is 1 below it
+    exact = (LOG_PARTITION + (1.0 + LOG_PARTITION)) / 2
+    for targets in (labels, onehot):
+        close_to_exact(fastgrad.softmax_cross_entropy(z, targets, backend=backend), exact, dtype)
+        loss, dlogits = backend.softmax_cross_entropy_with_grad(z, targets)
+        close_to_exact(loss, exact, dtype)
+        assert np.isfinite(to_host(backend, dlogits)).all()
+    assert_intact(backend, [z], before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "hidden, activation", [([5], "sigmoid"), ([5, 4], "relu")], ids=["chapter", "deeper"]
+)
+def test_the_models_losses_of_large_logits_do_not_cancel(backend, rng, dtype, hidden, activation):
+    # A zero last layer makes the logits its biases: ~1e5, one apart.
+    net = fastgrad.MultiLayerNet(6, hidden, 4, activation, seed=0, dtype=dtype, backend=backend)
+    last = len(hidden) + 1
+    net.params[f"W{last}"][...] = 0
+    net.params[f"b{last}"][...] = backend.asarray(large_logits(dtype)[0])
+    x, t = rng.random((2, 6)), np.array([0, 2])
+    exact = (LOG_PARTITION + (2.0 + LOG_PARTITION)) / 2
+    close_to_exact(net.loss(x, t), exact, dtype)
+    X, labels = net.prepare(x, t)
+    steps = backend.asarray(np.array([[0, 1]]))
+    for gradient in ("backprop", "numerical"):
+        # lr = 0: every step measures the loss of the same parameters
+        losses = to_host(backend, net.sgd_steps(X, labels, steps, 0.0, gradient))
+        close_to_exact(losses[0], exact, dtype)
+
+
+# ------------------------------- large steps: the fast kernels as the naive loop
+def mini_batch() -> tuple[np.ndarray, np.ndarray]:
+    (x_train, t_train), _ = fastgrad.load_mnist(subset="mini", dtype=np.float64)
+    return x_train[:5], t_train[:5]
+
+
+LARGE_STEP_NETS = {
+    # the chapter's kind of net (the Numba backend's chapter kernels)
+    "chapter": ((784, 4, 10), "sigmoid", 1.0),
+    "relu-deep": ((784, 4, 3, 10), "relu", 1.0),
+    # logits hundreds apart: softmax probabilities that underflow to 0
+    "spread-logits": ((784, 4, 10), "tanh", 1000.0),
+}
+
+
+@pytest.mark.parametrize("h", [1e1, 1e2, 1e3])
+@pytest.mark.parametrize("case", list(LARGE_STEP_NETS))
+def test_the_fast_numerical_gradient_agrees_with_the_naive_loop_at_large_steps(backend, case, h):
+    (sizes, activation, last_scale) = LARGE_STEP_NETS[case]
+    net = fastgrad.MultiLayerNet(
+        sizes[0], list(sizes[1:-1]), sizes[-1], activation, seed=0, backend=backend
+    )
+    generator = np.random.default_rng(5)
+    for name in net.params:
+        values = 0.5 * generator.standard_normal(tuple(net.params[name].shape))
+        net.params[name][...] = backend.asarray(values)
+    net.params[f"W{len(sizes) - 1}"][...] *= last_scale
+    x, t = mini_batch()
+    params = {name: to_host(backend, array).copy() for name, array in net.params.items()}
+    fast = net.numerical_gradient(x, t, h=h)
+    naive = net.numerical_gradient(x, t, method="naive", h=h)
+    for name, expected in naive.items():
+        expected = to_host(backend, expected)
+        got = to_host(backend, fast[name])
+        scale = 1.0 + float(np.abs(expected).max())
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * scale, err_msg=name)
+        np.testing.assert_array_equal(to_host(backend, net.params[name]), params[name])
 
 
 # ---------------------------------------------------------- unclear errors

@@ -336,6 +336,58 @@ def test_njit_f_returning_nan_raises_like_the_reference(numba_backend):
         numba_backend.numerical_gradient(not_a_number, np.ones(2), 1e-4, "central")
 
 
+@numba.njit
+def nan_at_7_or_33(a):
+    if a[7] != 7.0 or a[33] != 33.0:
+        return np.nan
+    return (a**2).sum()
+
+
+@needs_jit
+def test_the_first_failing_element_of_all_chunks_is_the_one_reported(numba_backend, threads):
+    numba.set_num_threads(threads)
+    x = np.arange(40.0)
+    # element 33 lies in a later chunk than 7, whichever thread fails first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the parallel path, not the reference loop
+        with pytest.raises(ValueError, match=r"^f\(x \+ h\) at index \[7\] returned NaN"):
+            numba_backend.numerical_gradient(nan_at_7_or_33, x, 1e-4, "central")
+    np.testing.assert_array_equal(x, np.arange(40.0))
+
+
+@needs_jit
+def test_an_exception_seen_only_in_the_threads_leaves_the_verdict_to_the_reference(
+    numba_backend, reference, monkeypatch
+):
+    # Call f again outside the threads and it does not raise (an f whose
+    # result depends on more than x): the reference loop decides, as if the
+    # parallel path had not run.
+    from fastgrad.backends.numba import numerical
+
+    real = numerical.parallel_numerical_gradient
+
+    def one_chunk_says_raised(f, x, *rest):
+        grad = real(f, x, *rest)
+        codes = rest[-2]
+        codes[0, :] = (numerical.RAISED, 1, 0, -1)
+        return grad
+
+    monkeypatch.setattr(numerical, "parallel_numerical_gradient", one_chunk_says_raised)
+    x = np.array([0.5, -1.0, 2.0])
+    got = numba_backend.numerical_gradient(cubic, x, 1e-4, "central")
+    expected = reference.numerical_gradient(cubic, x.copy(), 1e-4, "central")
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(x, [0.5, -1.0, 2.0])
+
+
+def test_the_kernels_share_the_reference_bound_on_small_logit_shifts():
+    from fastgrad.backends import _base
+    from fastgrad.backends.numba import chapter, network_numerical
+
+    assert chapter.SMALL_LOGIT_SHIFT == network_numerical.SMALL_LOGIT_SHIFT
+    assert chapter.SMALL_LOGIT_SHIFT == _base.SMALL_LOGIT_SHIFT
+
+
 # ---------------------------------------------------------------- compile
 def test_warmup_returns_seconds_and_describe_reports_it(numba_backend):
     seconds = numba_backend.warmup(np.float64)

@@ -107,3 +107,50 @@ def test_importing_fastgrad_and_plot_does_not_import_matplotlib():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_a_figure_is_written_atomically_and_a_failed_one_leaves_the_old_file(
+    tmp_path, monkeypatch
+):
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "training.png"
+    plot.plot_history(history(), path)
+    before = path.read_bytes()
+    real_savefig = Figure.savefig
+
+    def savefig_then_break(self, target, **options):
+        real_savefig(self, target, **options)  # the whole image, then a failure
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", savefig_then_break)
+    with pytest.raises(OSError, match="No space left on device"):
+        plot.plot_history(history(), path)
+    assert path.read_bytes() == before
+    assert [entry.name for entry in tmp_path.iterdir()] == ["training.png"]
+
+
+def test_a_write_failure_leaves_no_partial_figure(tmp_path, monkeypatch):
+    import os
+
+    def failing_fsync(handle):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        plot.plot_loss(history(), tmp_path / "loss.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("name", "signature"), [("f.png", PNG_SIGNATURE), ("f.svg", b"<?xml"),
+                                                  ("f.PDF", b"%PDF"), ("f", PNG_SIGNATURE)])
+def test_the_suffix_names_the_format(tmp_path, name, signature):
+    plot.plot_tangent_lines(tmp_path / name)
+    assert (tmp_path / name).read_bytes().startswith(signature)
+    assert [entry.name for entry in tmp_path.iterdir()] == [name]
+
+
+def test_an_unknown_suffix_is_refused_and_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match="Format 'xyz' is not supported"):
+        plot.plot_tangent_lines(tmp_path / "figure.xyz")
+    assert list(tmp_path.iterdir()) == []

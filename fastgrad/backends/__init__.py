@@ -81,6 +81,25 @@ def _install_hint(spec: _Spec) -> str:
     return f"pip install 'fastgrad[{spec.extra}]'"
 
 
+def _numba_thread_count_problem() -> str | None:
+    """Why ``NUMBA_NUM_THREADS`` would stop numba from importing, or None.
+
+    Numba reads the variable once, at import: 0 or a negative count raises a
+    bare ValueError there, and an unparsable one is replaced by a multi-line
+    warning. Once numba is imported the variable no longer matters.
+    """
+    value = os.environ.get("NUMBA_NUM_THREADS")
+    if value is None or "numba" in sys.modules:
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count > 0:
+        return None
+    return f"NUMBA_NUM_THREADS={value!r} is not a thread count: unset it or set 1..{os.cpu_count()}"
+
+
 def _load(name: str) -> Backend:
     """Create (once) and return the backend called ``name``."""
     backend = _instances.get(name)
@@ -95,11 +114,15 @@ def _load(name: str) -> Backend:
             f"backend {name!r} needs the {spec.package} package, which is not installed: "
             f"{_install_hint(spec)}"
         )
+    if name == "numba":
+        problem = _numba_thread_count_problem()
+        if problem is not None:
+            raise BackendUnavailableError(f"backend 'numba' cannot start: {problem}")
     with _instances_lock:
         if name not in _instances:
             try:
                 module = importlib.import_module(spec.module)
-            except ImportError as error:
+            except (ImportError, ValueError) as error:  # numba's bad-config errors are ValueErrors
                 raise BackendUnavailableError(
                     f"backend {name!r} failed to import ({error}); reinstall with "
                     f"{_install_hint(spec)}"

@@ -39,7 +39,14 @@ BOOK_LOG_GUARD = 1e-7
 CHUNK_BUDGET_BYTES = 64 * 2**20
 
 # How often, at most, the black-box loop compares all of x with its snapshot.
-_SNAPSHOT_COMPARES = 256
+SNAPSHOT_COMPARES = 256
+
+#: Largest logit change for which the numerical kernels form a loss change as
+#: ``log1p(sum_c p_c·expm1(d_c))``. Up to it, ``1 + sum`` >= ``e^-1`` (nothing
+#: cancels) and ``expm1`` cannot overflow; beyond it they use the
+#: log-sum-exp of the moved log-probabilities, whose rounding error (~eps·|d|)
+#: is then no larger than the change's own.
+SMALL_LOGIT_SHIFT = 1.0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -377,7 +384,12 @@ class Backend:
         * a sample whose logits move by ``d`` changes its loss by
           ``log(sum_c p_c·exp(d_c)) - d_label`` = ``log1p(sum_c p_c·expm1(d_c))
           - d_label``: the difference is formed from the small change itself,
-          not lost to cancellation against the loss.
+          not lost to cancellation against the loss. Where some ``|d_c|``
+          exceeds :data:`SMALL_LOGIT_SHIFT` (a large ``h``, inputs or
+          weights), ``expm1`` could overflow and ``1 + sum`` cancel, and the
+          same change is formed as ``logsumexp_c(log p_c + d_c) - d_label``
+          instead, from the log-probabilities (never overflows, and keeps the
+          classes whose ``p_c`` underflows), as exact as the naive loop.
 
         The weight-decay term ``0.5·λ·sum(W**2)`` has the central difference
         ``λ·W`` exactly, which is added. Everything runs in float64 (``h =
@@ -395,8 +407,25 @@ class Backend:
             if layer < depth - 1:
                 inputs.append(self.activation_forward(pre[layer], network.activation))
         probabilities = self.softmax(pre[-1])
+        log_probabilities = self.log_softmax(pre[-1])
         onehot = xp.zeros_like(probabilities)
         onehot[xp.arange(batch_size), labels] = 1.0
+
+        def partition_changes(rows: Array, shift: Array) -> Array:
+            """``log(sum_c p_c·exp(d_c))`` of sample ``rows[k]`` moved by ``d = shift[k]``.
+
+            ``rows``: (K,), ``shift``: (K, C); returns (K,).
+            """
+            p = probabilities[rows]
+            # Two whole-array reductions (no temporary) decide the usual case.
+            if max(float(shift.max()), -float(shift.min())) <= SMALL_LOGIT_SHIFT:
+                return xp.log1p(xp.sum(p * xp.expm1(shift), axis=-1))
+            small = xp.max(xp.abs(shift), axis=-1) <= SMALL_LOGIT_SHIFT
+            safe = xp.where(small[:, None], shift, 0.0)
+            change = xp.log1p(xp.sum(p * xp.expm1(safe), axis=-1))
+            large = xp.nonzero(~small)[0]
+            change[large] = _log_sum_exp(xp, log_probabilities[rows[large]] + shift[large])
+            return change
 
         def column_diffs(layer: int, samples: Array, step: Array) -> Array:
             """Loss changes when column j of A_layer[samples] moves by step, for every j.
@@ -405,7 +434,14 @@ class Backend:
             """
             if layer == depth - 1:
                 p = probabilities[samples]
-                return xp.log1p(p * xp.expm1(step)) - step * onehot[samples]
+                if bool((xp.abs(step) <= SMALL_LOGIT_SHIFT).all()):
+                    return xp.log1p(p * xp.expm1(step)) - step * onehot[samples]
+                # Column j of the logits moves: shift (K·C, C), row (k, j) = step[k]·e_j.
+                count, classes = p.shape
+                units = xp.eye(classes, dtype=f64)
+                shift = (step[:, :, None] * units[None, :, :]).reshape(count * classes, classes)
+                moved = partition_changes(xp.repeat(samples, classes), shift)
+                return moved.reshape(count, classes) - step * onehot[samples]
             moved = self.activation_forward(pre[layer][samples] + step, network.activation)
             change = moved - inputs[layer + 1][samples]  # (K, J)
             count, width = change.shape
@@ -414,8 +450,7 @@ class Backend:
             for later in range(layer + 1, depth - 1):
                 moved = self.activation_forward(pre[later][repeated] + shift, network.activation)
                 shift = (moved - inputs[later + 1][repeated]) @ weights[later + 1]
-            p = probabilities[repeated]
-            change_of_loss = xp.log1p(xp.sum(p * xp.expm1(shift), axis=-1))
+            change_of_loss = partition_changes(repeated, shift)
             change_of_loss -= xp.sum(shift * onehot[repeated], axis=-1)
             return change_of_loss.reshape(count, width)
 
@@ -472,7 +507,7 @@ class Backend:
         grad = xp.zeros(x.shape, dtype=x.dtype)
         snapshot = x.copy()
         size = int(np.prod(x.shape))
-        every = -(-size // _SNAPSHOT_COMPARES)
+        every = -(-size // SNAPSHOT_COMPARES)
         largest = float(np.finfo(x.dtype).max)
         try:
             base_value = _scalar(f(x), "f(x)") if method == "forward" else 0.0
@@ -556,6 +591,12 @@ class Backend:
         return max(1, CHUNK_BUDGET_BYTES // (8 * max(1, floats_per_row)))
 
 
+def _log_sum_exp(xp: ModuleType, values: Array) -> Array:
+    """``log(sum(exp(values)))`` along the last axis, shifted by the maximum (never overflows)."""
+    top = xp.max(values, axis=-1, keepdims=True)
+    return top[..., 0] + xp.log(xp.sum(xp.exp(values - top), axis=-1))
+
+
 def _chunk_bounds(weights: np.ndarray, budget: int) -> list[tuple[int, int]]:
     """Split ``range(len(weights))`` into runs whose weights sum to about ``budget``."""
     bounds = []
@@ -621,10 +662,7 @@ def _stack_values(
     """
     values = f(stack.reshape((count, *shape)))
     if getattr(values, "shape", None) != (count,):
-        raise ValueError(
-            f"batched f must map an array of shape {(count, *shape)} to shape ({count},), "
-            f"got {getattr(values, 'shape', type(values).__name__)}"
-        )
+        raise _stack_length_error(count, shape, getattr(values, "shape", type(values).__name__))
     kind = getattr(getattr(values, "dtype", None), "kind", None)
     if kind == "c":
         raise TypeError("batched f returned complex values; it must return real numbers")
@@ -636,12 +674,22 @@ def _stack_values(
     finite = abs(values) <= float(np.finfo(values.dtype).max) if kind == "f" else values == values
     if not bool(finite.all()):
         row = int(finite.argmin())
-        where = "" if first is None else f" for the element at flat index {first + row}"
-        raise ValueError(
-            f"batched f returned {float(values[row])}{where}; a gradient needs finite values of f"
-        )
+        raise _stack_value_error(float(values[row]), None if first is None else first + row)
     # A copy: f may return a view of its argument, which the next stack overwrites.
     return values.copy()
+
+
+def _stack_length_error(count: int, shape: tuple[int, ...], got: Any) -> ValueError:
+    """The error of a batched ``f`` that returned ``got`` (a shape) for ``count`` rows."""
+    return ValueError(
+        f"batched f must map an array of shape {(count, *shape)} to shape ({count},), got {got}"
+    )
+
+
+def _stack_value_error(value: float, flat_index: int | None) -> ValueError:
+    """The error of a batched ``f`` that returned the non-finite ``value``."""
+    where = "" if flat_index is None else f" for the element at flat index {flat_index}"
+    return ValueError(f"batched f returned {value}{where}; a gradient needs finite values of f")
 
 
 def _out_of_range(slope: float, index: tuple[int, ...], dtype: Any) -> None:
@@ -654,11 +702,27 @@ def _out_of_range(slope: float, index: tuple[int, ...], dtype: Any) -> None:
 def _element_changed(x: Array, index: tuple[int, ...], moved: Any, what: str) -> None:
     """Raise: ``f`` left another value at the element the loop had perturbed to ``moved``."""
     if moved == moved:  # a NaN never equals itself; the loop's callers refuse NaN anyway
-        raise RuntimeError(
-            f"{what} changed x: x{list(index)} holds {float(x[index])} after the call, but "
-            f"numerical_gradient had set it to {float(moved)}; numerical_gradient perturbs x "
-            "in place, so f must not write to it (copy inside f, or use batched=True)"
-        )
+        raise _element_changed_error(what, index, float(x[index]), float(moved))
+
+
+def _element_changed_error(
+    what: str, index: tuple[int, ...], found: float, moved: float
+) -> RuntimeError:
+    """The error of an ``f`` that left ``found`` at the element perturbed to ``moved``."""
+    return RuntimeError(
+        f"{what} changed x: x{list(index)} holds {found} after the call, but "
+        f"numerical_gradient had set it to {moved}; numerical_gradient perturbs x "
+        "in place, so f must not write to it (copy inside f, or use batched=True)"
+    )
+
+
+def _x_changed_error(what: str, index: tuple[int, ...], now: float, before: float) -> RuntimeError:
+    """The error of an ``f`` that changed element ``index`` of ``x`` from ``before`` to ``now``."""
+    return RuntimeError(
+        f"{what} changed x: x{list(index)} held {now} but {before} before numerical_gradient "
+        "started; f must not write to the x being differentiated (copy inside f); x has been "
+        "restored"
+    )
 
 
 def _check_unchanged(xp: ModuleType, x: Array, snapshot: Array, what: str) -> None:
@@ -671,8 +735,4 @@ def _check_unchanged(xp: ModuleType, x: Array, snapshot: Array, what: str) -> No
     index = tuple(int(i) for i in np.unravel_index(int(xp.argmax(changed.reshape(-1))), x.shape))
     now, before = float(x[index]), float(snapshot[index])
     x[...] = snapshot
-    raise RuntimeError(
-        f"{what} changed x: x{list(index)} held {now} but {before} before numerical_gradient "
-        "started; f must not write to the x being differentiated (copy inside f); x has been "
-        "restored"
-    )
+    raise _x_changed_error(what, index, now, before)

@@ -23,7 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from fastgrad.backends._base import ACTIVATIONS, Array, Backend, Network, SparseRows, _stack_values
+from fastgrad.backends._base import (
+    ACTIVATIONS,
+    SMALL_LOGIT_SHIFT,
+    Array,
+    Backend,
+    Network,
+    SparseRows,
+    _check_unchanged,
+    _stack_values,
+)
 from fastgrad.backends.cupy import kernels
 from fastgrad.errors import BackendUnavailableError
 
@@ -472,7 +481,14 @@ class CupyBackend(Backend):
         input pixel for the hidden layer, skipping zero pixels; weight decay
         adds its exact difference ``λ·W``. Float64 throughout; nothing is
         copied to the host, so it can run inside a training loop without a
-        synchronisation. Other networks run the reference kernel on the device.
+        synchronisation. Other networks, and steps ``h`` above
+        ``SMALL_LOGIT_SHIFT``, run the reference kernel on the device: the
+        kernels form each loss change with ``expm1``, which overflows once a
+        logit moves by more than ~700 (the reference then sums the moved
+        log-probabilities instead). A logit moves by at most ``h`` times
+        ``max(1, |x| * |W2|)``; with ``h`` at most 1 an overflow needs inputs
+        and weights far beyond a trained net's, and the models refuse the
+        non-finite result that would follow.
         """
         dense = X.dense if isinstance(X, SparseRows) else X
         self._require_native("network_numerical_gradient", dense, labels, *network.arrays)
@@ -481,6 +497,7 @@ class CupyBackend(Backend):
             or network.depth != 2
             or network.activation != "sigmoid"
             or dense.shape[0] == 0
+            or h > SMALL_LOGIT_SHIFT
         ):
             return super().network_numerical_gradient(network, X, labels, h)
         xp = self.xp
@@ -544,19 +561,24 @@ class CupyBackend(Backend):
             return grad.reshape(x.shape)
         perturb = kernels.elementwise_kernel("perturbed_stack")
         scalar = x.dtype.type
+        # as the base: an f that writes to x through a closure is an error
+        snapshot = x.copy()
         base_value = None
         if method == "forward":
-            base_value = _stack_values(f, flat[None, :], x.shape, 1)[0]
+            # a copy: flat may be a view of x, which f may write through its argument
+            base_value = _stack_values(f, flat[None, :].copy(), x.shape, 1)[0]
+            _check_unchanged(xp, x, snapshot, "f")
         for start in range(0, size, chunk_size):
             stop = min(start + chunk_size, size)
             count = stop - start
             stack = xp.empty((count, size), dtype=x.dtype)
             perturb(flat, np.int64(size), np.int64(start), scalar(h), stack)
-            plus = _stack_values(f, stack, x.shape, count)
+            plus = _stack_values(f, stack, x.shape, count, start)
             if method == "central":
                 perturb(flat, np.int64(size), np.int64(start), scalar(-h), stack)
-                minus = _stack_values(f, stack, x.shape, count)
+                minus = _stack_values(f, stack, x.shape, count, start)
                 grad[start:stop] = (plus - minus) / (2 * h)
             else:
                 grad[start:stop] = (plus - base_value) / h
+            _check_unchanged(xp, x, snapshot, f"f at elements {start}..{stop - 1}")
         return grad.reshape(x.shape)

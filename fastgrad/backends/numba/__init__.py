@@ -38,12 +38,19 @@ from numba.core.errors import NumbaError
 from fastgrad.backends._base import (
     BOOK_LOG_GUARD,
     CHUNK_BUDGET_BYTES,
+    SNAPSHOT_COMPARES,
     Array,
     Backend,
     Network,
     SparseRows,
+    _check_unchanged,
+    _element_changed_error,
+    _out_of_range,
     _scalar,
+    _stack_length_error,
+    _stack_value_error,
     _stack_values,
+    _x_changed_error,
 )
 from fastgrad.backends.numba import (
     chapter,
@@ -54,7 +61,7 @@ from fastgrad.backends.numba import (
 )
 from fastgrad.backends.numba import network as packed
 from fastgrad.backends.numba._jit import FASTMATH
-from fastgrad.backends.numba.threads import run_on_threads, usable_threads
+from fastgrad.backends.numba.threads import ThreadCountChooser, run_on_threads, usable_threads
 from fastgrad.errors import SlowPathWarning
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -132,6 +139,14 @@ class NumbaBackend(Backend):
     #: expansion instead of the exact per-perturbation formula (set it to 0.0
     #: to force the latter).
     taylor_max_shift: float = chapter.TAYLOR_MAX_SHIFT
+
+    #: Whether the training loops (:meth:`fused_sgd_steps`) choose how many
+    #: of Numba's threads to run from measured step times, fewer when other
+    #: processes hold the cores (see
+    #: :class:`~fastgrad.backends.numba.threads.ThreadCountChooser`; the
+    #: choice never changes a result). False runs every step on
+    #: ``numba.get_num_threads()`` threads.
+    choose_threads: bool = True
 
     def __init__(self) -> None:
         super().__init__(np)
@@ -344,15 +359,26 @@ class NumbaBackend(Backend):
         if prepared is None:
             if gradient != "backprop":
                 return None
-            return _network_sgd_steps(network, dense, sparse, labels, indices, lr)
+            return _network_sgd_steps(
+                network, dense, sparse, labels, indices, lr, self.choose_threads
+            )
         (W1, b1, W2, b2), x = prepared
         rows = _indices(indices, x.shape[0])
         targets = _labels(labels, W2.shape[1])
         losses = np.empty(rows.shape[0], dtype=np.float64)
         if gradient == "backprop":
             starts, columns, values, targets, rows = _listed_rows(x, sparse, targets, rows)
+            fixed = usable_threads(min(numba.get_num_threads(), rows.shape[1]))
             _sgd_backprop_threaded(
-                starts, columns, values, targets, rows, (W1, b1, W2, b2), lr, losses
+                starts,
+                columns,
+                values,
+                targets,
+                rows,
+                (W1, b1, W2, b2),
+                lr,
+                losses,
+                None if self.choose_threads else fixed,
             )
         else:
             chapter.sgd_steps_numerical(
@@ -382,7 +408,10 @@ class NumbaBackend(Backend):
         ``chapter.numerical_prepare``); when the shift is not small (large
         ``h``, inputs or weights) the exact per-perturbation formula runs
         instead. Every other net: the reference kernel's differences, unit
-        by unit (:mod:`~fastgrad.backends.numba.network_numerical`).
+        by unit (:mod:`~fastgrad.backends.numba.network_numerical`). As in
+        the reference, logit changes beyond ``SMALL_LOGIT_SHIFT`` are formed
+        from the log-probabilities, so every step ``h`` gives the naive loop's
+        differences.
         """
         dense = X.dense if isinstance(X, SparseRows) else X
         if np.shape(dense)[0] == 0 or _dtype_of(dense, *network.arrays) is None:
@@ -397,7 +426,7 @@ class NumbaBackend(Backend):
         pre, hidden, first_order, third_order = (
             np.empty((batch_size, hidden_size)) for _ in range(4)
         )
-        probabilities = np.empty((batch_size, W2.shape[1]))
+        probabilities, log_probabilities = (np.empty((batch_size, W2.shape[1])) for _ in range(2))
         grads = [np.empty_like(array) for array in (W1, b1, W2, b2)]
         step = float(h)
         expansion, _ = chapter.numerical_prepare(
@@ -412,6 +441,7 @@ class NumbaBackend(Backend):
             pre,
             hidden,
             probabilities,
+            log_probabilities,
             first_order,
             third_order,
         )
@@ -419,6 +449,7 @@ class NumbaBackend(Backend):
             pre,
             hidden,
             probabilities,
+            log_probabilities,
             targets,
             W2,
             step,
@@ -445,7 +476,12 @@ class NumbaBackend(Backend):
         """Parallel differences when ``f`` is an ``@njit`` function, else the reference loop.
 
         Each thread perturbs its own copy of ``x``, so ``x`` is never written.
-        A plain Python ``f`` cannot run in Numba's threads: the backend warns
+        The reference loop's rules hold all the same, with its errors: an
+        exception ``f`` raises comes out (``f`` is called again at that
+        element, outside the threads, to raise it), and so do a non-finite
+        value of ``f`` and an ``f`` that writes to its argument (each copy is
+        watched as the reference watches ``x``). A plain Python ``f`` cannot
+        run in Numba's threads: the backend warns
         (:class:`~fastgrad.errors.SlowPathWarning`) and runs the base loop.
         """
         if not isinstance(f, Dispatcher):
@@ -455,23 +491,45 @@ class NumbaBackend(Backend):
             # Nothing to spread over threads; the loop calls the compiled f directly.
             return super().numerical_gradient(f, x, h, method)
         central = method == "central"
-        base_value = 0.0 if central else _scalar(f(x), "f(x)")
+        source = np.ascontiguousarray(x)
+        step = x.dtype.type(h)
+        base_value = 0.0 if central else _value_on_a_copy(f, source)
+        codes, values = numerical.failure_table(min(x.size, _chunks()))
         try:
             grad = numerical.parallel_numerical_gradient(
-                f, x, x.dtype.type(h), float(h), central, base_value, min(x.size, _chunks())
+                f,
+                source,
+                step,
+                float(h),
+                central,
+                base_value,
+                -(-x.size // SNAPSHOT_COMPARES),
+                float(np.finfo(x.dtype).max),
+                codes,
+                values,
             )
         except NumbaError as error:
             _warn_uncompilable(error)
             return super().numerical_gradient(f, x, h, method)
-        if np.isnan(grad).any():
-            # Let the reference loop find the NaN and raise its error (or agree).
+        failed = np.flatnonzero(codes[:, 0])
+        if failed.size:
+            # The chunks run in element order: the first failed chunk holds the
+            # first failing element, the one the reference loop stops at.
+            _raise_thread_failure(f, source, step, codes[failed[0]], values[failed[0]])
+            # f raised in a thread but not when called again: the reference decides.
             return super().numerical_gradient(f, x, h, method)
         return grad
 
     def numerical_gradient_batched(
         self, f: Callable[[Array], Any], x: Array, h: float, method: str, chunk_size: int | None
     ) -> Array:
-        """Chunks of perturbed copies evaluated in parallel when ``f`` is ``@njit``."""
+        """Chunks of perturbed copies evaluated in parallel when ``f`` is ``@njit``.
+
+        As the reference: ``x`` is never written, ``f`` may write to its own
+        argument (the ``-h`` stack is rebuilt from ``x``) or return a view of
+        it, and an exception or a non-finite value of ``f`` is raised as the
+        reference raises it.
+        """
         if not isinstance(f, Dispatcher):
             _warn_slow(f, "numerical_gradient(batched=True)")
             return super().numerical_gradient_batched(f, x, h, method, chunk_size)
@@ -483,23 +541,98 @@ class NumbaBackend(Backend):
             by_threads = -(-size // (4 * numba.get_num_threads()))
             chunk_size = max(1, min(by_threads, CHUNK_BUDGET_BYTES // (8 * size)))
         central = method == "central"
+        source = np.ascontiguousarray(x)
+        step = x.dtype.type(h)
         base_value = 0.0
         if not central:
-            base_value = float(_stack_values(f, x.reshape(1, -1), x.shape, 1)[0])
+            # On a copy: f may write to its argument, and x must not change.
+            base_value = float(_stack_values(f, source.reshape(1, -1).copy(), x.shape, 1)[0])
+        codes, values = numerical.failure_table(-(-size // chunk_size))
         try:
-            grad, wrong_length = numerical.parallel_numerical_gradient_batched(
-                f, x, x.dtype.type(h), float(h), central, base_value, chunk_size
+            grad = numerical.parallel_numerical_gradient_batched(
+                f, source, step, float(h), central, base_value, chunk_size, codes, values
             )
         except NumbaError as error:
             _warn_uncompilable(error)
             return super().numerical_gradient_batched(f, x, h, method, chunk_size)
-        if wrong_length >= 0:
-            # f returned the wrong number of values: the reference raises the error.
+        failed = np.flatnonzero(codes[:, 0])
+        if failed.size:
+            _raise_batched_failure(f, source, step, chunk_size, codes[failed[0]], values[failed[0]])
             return super().numerical_gradient_batched(f, x, h, method, chunk_size)
         return grad
 
 
 # ------------------------------------------------------------------- helpers
+def _value_on_a_copy(f: Callable[[Array], Any], x: np.ndarray) -> float:
+    """``f`` at a copy of ``x`` (the forward differences' base); an ``f`` writing it is refused."""
+    work = x.copy()
+    value = _scalar(f(work), "f(x)")
+    _check_unchanged(np, work, x, "f(x)")
+    return value
+
+
+def _flat_index(element: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(element, shape))
+
+
+def _raise_thread_failure(
+    f: Callable[[Array], Any], x: np.ndarray, step: Any, codes: np.ndarray, values: np.ndarray
+) -> None:
+    """Raise the reference loop's error for what a chunk of the parallel loop recorded.
+
+    Returns only when ``f`` raised in a thread but not when called again here.
+    """
+    code, element, evaluation, other = (int(value) for value in codes)
+    found, expected = float(values[0]), float(values[1])
+    index = _flat_index(element, x.shape)
+    what = "f(x + h)" if evaluation == 0 else "f(x - h)"
+    if code == numerical.RAISED:
+        work = x.copy()
+        flat = work.reshape(-1)
+        flat[element] = flat[element] + step if evaluation == 0 else flat[element] - step
+        f(work)  # raises the user's own exception, message and all
+        return
+    if code == numerical.NOT_FINITE:
+        _scalar(found, what, index)
+    if code == numerical.ELEMENT_CHANGED:
+        raise _element_changed_error(what, index, found, expected)
+    if code == numerical.X_CHANGED:
+        raise _x_changed_error(f"f at x{list(index)}", _flat_index(other, x.shape), found, expected)
+    if code == numerical.OUT_OF_RANGE:
+        _out_of_range(found, index, x.dtype)
+    raise AssertionError(f"unknown failure code {code} of the parallel numerical gradient")
+
+
+def _raise_batched_failure(
+    f: Callable[[Array], Any],
+    x: np.ndarray,
+    step: Any,
+    chunk_size: int,
+    codes: np.ndarray,
+    values: np.ndarray,
+) -> None:
+    """Raise the reference's error for what a chunk of the batched parallel loop recorded.
+
+    Returns only when ``f`` raised in a thread but not when called again here.
+    """
+    code, element, evaluation, other = (int(value) for value in codes)
+    if code == numerical.NOT_FINITE:
+        raise _stack_value_error(float(values[0]), element)
+    start = element
+    count = min(chunk_size, x.size - start)
+    if code == numerical.WRONG_LENGTH:
+        raise _stack_length_error(count, x.shape, (other,))
+    if code == numerical.RAISED:
+        flat = x.reshape(-1)
+        stack = np.broadcast_to(flat, (count, flat.size)).copy()
+        rows, columns = np.arange(count), np.arange(start, start + count)
+        moved = flat[start : start + count]
+        stack[rows, columns] = moved + step if evaluation == 0 else moved - step
+        f(stack.reshape((count, *x.shape)))  # raises the user's own exception
+        return
+    raise AssertionError(f"unknown failure code {code} of the batched numerical gradient")
+
+
 def _listed_rows(
     x: np.ndarray, sparse: SparseRows | None, targets: np.ndarray, rows: np.ndarray
 ) -> tuple[np.ndarray, ...]:
@@ -522,8 +655,13 @@ def _network_sgd_steps(
     labels: Array,
     indices: np.ndarray,
     lr: float,
+    choose_threads: bool,
 ) -> np.ndarray | None:
-    """``network_training.sgd_steps`` on packed copies of the layers, written back after."""
+    """``network_training.sgd_steps`` on packed copies of the layers, written back after.
+
+    With ``choose_threads``, a :class:`ThreadCountChooser` picks how many of
+    Numba's threads run each slice of the steps, as for the chapter's loop.
+    """
     dtype = _dtype_of(*network.arrays)
     if (
         dtype is None
@@ -542,21 +680,39 @@ def _network_sgd_steps(
     starts, columns, values, targets, rows = _listed_rows(x, sparse, targets, rows)
     layers = packed.pack(network, dtype)
     losses = np.empty(rows.shape[0], dtype=np.float64)
-    chunks = max(1, min(usable_threads(numba.get_num_threads()), rows.shape[1]))
+    most = usable_threads(numba.get_num_threads())
+    # the chunks fix the arithmetic; the threads that run them only the speed
+    chunks = max(1, min(most, rows.shape[1]))
+
+    def run_slice(first: int, last: int, threads: int) -> None:
+        numba.set_num_threads(threads)
+        try:
+            network_training.sgd_steps(
+                starts,
+                columns,
+                values,
+                targets,
+                rows[first:last],
+                layers,
+                packed.activation_code(network.activation),
+                float(network.weight_decay),
+                float(lr),
+                losses[first:last],
+                chunks,
+            )
+        finally:
+            numba.set_num_threads(most)
+
     with _one_blas_thread():
-        network_training.sgd_steps(
-            starts,
-            columns,
-            values,
-            targets,
-            rows,
-            layers,
-            packed.activation_code(network.activation),
-            float(network.weight_decay),
-            float(lr),
-            losses,
-            chunks,
-        )
+        if choose_threads:
+            shapes = tuple(layer.shape for layer in network.weights)
+            key = ("network", most, shapes, dtype, rows.shape[1])
+            chooser = _THREAD_CHOOSERS.get(key)
+            if chooser is None:
+                chooser = _THREAD_CHOOSERS[key] = ThreadCountChooser(most)
+            chooser.run(rows.shape[0], run_slice)
+        else:
+            run_slice(0, rows.shape[0], most)
     packed.write_back(network, layers)
     return losses
 
@@ -646,19 +802,26 @@ def _sgd_backprop_threaded(
     losses: np.ndarray,
     threads: int | None = None,
 ) -> None:
-    """``chapter.sgd_worker`` on ``threads`` threads, by default ``numba.get_num_threads()``.
+    """``chapter.sgd_worker`` over the steps, on ``threads`` threads or as many as pay.
 
     ``W1`` is copied into the kernel's blocks by hidden units
     (``_unit_blocks``) and back when the steps are done. Every row that one
     thread writes and another reads fills whole cache lines (padded), so
     that no line is written by two cores.
+
+    With ``threads`` given, every step runs on that many threads, in as
+    many blocks. Without, the blocks are cut for ``numba.get_num_threads()``
+    threads and a :class:`~fastgrad.backends.numba.threads.ThreadCountChooser`
+    (one per shape, kept between calls) picks from measured step times how
+    many of them run each slice of the steps: fewer when other processes
+    hold the cores. The blocks alone fix the arithmetic, so the choice
+    never changes a result.
     """
     W1, b1, W2, b2 = params
-    batch_size = batch_indices.shape[1]
+    steps, batch_size = batch_indices.shape
     hidden_size, classes = W2.shape
-    if threads is None:
-        threads = usable_threads(min(numba.get_num_threads(), batch_size))
-    unit_bounds, width = _unit_blocks(hidden_size, threads, W1.dtype.itemsize)
+    most = usable_threads(min(numba.get_num_threads(), batch_size))
+    unit_bounds, width = _unit_blocks(hidden_size, threads or most, W1.dtype.itemsize)
     blocks = unit_bounds.shape[0] - 1
     W1_blocks = _aligned_zeros((blocks, W1.shape[0], width), W1.dtype)
     W2T_blocks = _aligned_zeros((blocks, classes, width), W1.dtype)
@@ -667,21 +830,7 @@ def _sgd_backprop_threaded(
         W1_blocks[k, :, : last - first] = W1[:, first:last]
         W2T_blocks[k, :, : last - first] = W2[first:last].T
     logit_width = _whole_lines(classes, W1.dtype.itemsize)
-    run_on_threads(
-        chapter.sgd_worker,
-        threads,
-        unit_bounds,
-        starts,
-        columns,
-        values,
-        labels,
-        batch_indices,
-        W1_blocks,
-        b1,
-        W2,
-        b2,
-        W1.dtype.type(lr),
-        losses,
+    scratch = (
         W2T_blocks,
         _aligned_zeros((blocks, batch_size, width), W1.dtype),
         _aligned_zeros((blocks, batch_size, width), W1.dtype),
@@ -689,8 +838,42 @@ def _sgd_backprop_threaded(
         _aligned_zeros((batch_size, logit_width), W1.dtype),
         _aligned_zeros((batch_size, _whole_lines(1, 8)), np.dtype(np.float64)),
     )
+    step_lr = W1.dtype.type(lr)
+
+    def run_slice(first: int, last: int, slice_threads: int) -> None:
+        run_on_threads(
+            chapter.sgd_worker,
+            slice_threads,
+            unit_bounds,
+            starts,
+            columns,
+            values,
+            labels,
+            batch_indices[first:last],
+            W1_blocks,
+            b1,
+            W2,
+            b2,
+            step_lr,
+            losses[first:last],
+            *scratch,
+        )
+
+    if threads is not None:
+        run_slice(0, steps, threads)
+    else:
+        key = (most, blocks, W1.shape, W1.dtype, batch_size)
+        chooser = _THREAD_CHOOSERS.get(key)
+        if chooser is None:
+            chooser = _THREAD_CHOOSERS[key] = ThreadCountChooser(most)
+        chooser.run(steps, run_slice)
     for k, (first, last) in enumerate(spans):
         W1[:, first:last] = W1_blocks[k, :, : last - first]
+
+
+# One chooser per training shape: a run's epochs (one call each) share what
+# the earlier ones measured.
+_THREAD_CHOOSERS: dict[tuple[Any, ...], ThreadCountChooser] = {}
 
 
 def _unit_blocks(hidden_size: int, threads: int, itemsize: int) -> tuple[np.ndarray, int]:

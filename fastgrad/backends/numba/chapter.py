@@ -35,6 +35,13 @@ from fastgrad.backends.numba.vector_math import sigmoid as _sigmoid
 # ``numerical_prepare`` for the error bound it buys.
 TAYLOR_MAX_SHIFT = 1e-3
 
+# Largest logit change whose loss change the exact path forms with
+# log1p/expm1; beyond it, from the log-probabilities (no overflow, nothing
+# cancels). The bound of the reference, ``_base.SMALL_LOGIT_SHIFT``, repeated
+# here because a cached kernel does not see a constant of another file change.
+SMALL_LOGIT_SHIFT = 1.0
+
+
 # ---------------------------------------------------------- two-layer net
 @_serial
 def _hidden_row(x, n, W1, b1, hidden_row):
@@ -95,7 +102,9 @@ def _softmax_backward(logit, label, exps, inv_batch):
     total = 0.0
     for c in range(classes):
         total += exps[c]
-    loss = top + math.log(total) - np.float64(logit[label])
+    # (max - z_label) + log Σ exp(z - max): adding log Σ to max first would
+    # cancel against z_label for large logits
+    loss = (top - np.float64(logit[label])) + math.log(total)
     scale = inv_batch / total
     for c in range(classes):
         p_scaled = exps[c] * scale
@@ -265,16 +274,16 @@ def sgd_worker(
     ``(batch, any)``, column 0 used. A step has three phases, split by two
     barriers (``_numba_sync``):
 
-    1. Thread ``k`` (one per block; threads beyond the blocks wait)
-       computes, for every batch row, its block's hidden units
-       ``sigmoid(x @ W1 + b1)`` and their share of the logits, ``hidden @
-       W2`` over its units.
+    1. Thread ``t`` takes blocks ``t, t + threads, ...`` (threads beyond
+       the blocks wait) and computes, for every batch row, each block's
+       hidden units ``sigmoid(x @ W1 + b1)`` and their share of the logits,
+       ``hidden @ W2`` over its units.
     2. The threads take the batch rows a few at a time (``take_ticket``):
        logits (``b2`` plus the blocks' shares, in block order), softmax
        cross-entropy and ``dL/dlogits``.
-    3. Thread ``k`` backpropagates to its units and updates their ``b1``,
-       ``W2`` rows and its ``W1`` block. Each thread updates a slice of the
-       classes' ``b2``; thread 0 records the loss.
+    3. Each thread backpropagates to its blocks' units and updates their
+       ``b1``, ``W2`` rows and ``W1`` blocks. Each thread updates a slice of
+       the classes' ``b2``; thread 0 records the loss.
 
     The cut by units is for the caches. Each ``W1`` block is read and
     written by one thread only, so it stays in that core's cache, and its
@@ -287,11 +296,12 @@ def sgd_worker(
     step's phase 1 needs nothing but the thread's own block, so a step
     needs only the two barriers.
 
-    Which thread computes what does not change the arithmetic for a given
-    number of blocks: no two threads write the same element, and every sum
-    runs in a fixed order. The blocks do: the logits add up per block, a
-    reassociation, so results for different thread counts agree to
-    rounding, and bitwise for the same count. The ``W1`` update is applied
+    Which thread computes what, and how many threads there are, does not
+    change the arithmetic for a given number of blocks: no two threads
+    write the same element, and every sum runs in a fixed order. The
+    blocks do: the logits add up per block, a reassociation, so results
+    for different numbers of blocks agree to rounding, and bitwise for the
+    same number. The ``W1`` update is applied
     per non-zero input (``W1[i] -= lr*x[n,i]*dpre[n]``, in batch order)
     rather than through a dense ``x.T @ dpre``: all-zero input columns get
     no update at all, exactly as ``W1 -= lr * 0`` leaves them.
@@ -299,35 +309,29 @@ def sgd_worker(
     steps, batch_size = batch_indices.shape
     classes = W2.shape[1]
     blocks = unit_bounds.shape[0] - 1
+    width = W1_blocks.shape[2]
     row_tickets = (batch_size + ROWS_PER_TICKET - 1) // ROWS_PER_TICKET
     first_class = classes * thread // threads
     last_class = classes * (thread + 1) // threads
-    owns_block = thread < blocks
-    block = min(thread, blocks - 1)
-    first_unit = unit_bounds[block]
-    units = unit_bounds[block + 1] - first_unit
-    own_W1 = W1_blocks[block]
-    own_W2T = W2T_blocks[block]
-    own_W2 = W2[first_unit : first_unit + units]
-    own_b1 = b1[first_unit : first_unit + units]
-    own_hidden = hidden_blocks[block]
-    own_dpre = dpre_blocks[block]
-    own_partials = partial_logits[block]
     exps = np.empty(classes)
     dlogits_t = np.empty((classes, batch_size), W1_blocks.dtype)
     # the step's gradients of this thread's units and classes
-    gb1 = np.empty(units, W1_blocks.dtype)
-    gW2T = np.empty((classes, W1_blocks.shape[2]), W1_blocks.dtype)
+    gb1 = np.empty(width, W1_blocks.dtype)
+    gW2T = np.empty((classes, width), W1_blocks.dtype)
     gb2 = np.empty(classes, W1_blocks.dtype)
     inv_batch = 1.0 / batch_size
     generation = 0
     for step in range(steps):
-        if owns_block:
+        for block in range(thread, blocks, threads):
+            first_unit, units = unit_bounds[block], unit_bounds[block + 1] - unit_bounds[block]
+            own_W1, own_hidden = W1_blocks[block], hidden_blocks[block]
+            own_b1 = b1[first_unit : first_unit + units]
+            own_W2 = W2[first_unit : first_unit + units]
             for b in range(batch_size):
                 n = batch_indices[step, b]
                 first, last = starts[n], starts[n + 1]
                 _hidden_pass(own_W1, own_b1, all_columns, all_values, first, last, own_hidden[b])
-                share = own_partials[b, :classes]
+                share = partial_logits[block, b, :classes]
                 share[:] = 0
                 gather_rows(own_W2, share, None, own_hidden[b], 0, units)
         if not barrier(sync, threads, generation):
@@ -363,11 +367,16 @@ def sgd_worker(
         _class_grads(dlogits_t, first_class, last_class, gb2)
         for c in range(first_class, last_class):
             b2[c] -= lr * gb2[c]
-        if owns_block:
+        for block in range(thread, blocks, threads):
+            first_unit, units = unit_bounds[block], unit_bounds[block + 1] - unit_bounds[block]
+            own_W1, own_W2T = W1_blocks[block], W2T_blocks[block]
+            own_hidden, own_dpre = hidden_blocks[block], dpre_blocks[block]
+            own_b1 = b1[first_unit : first_unit + units]
+            own_W2 = W2[first_unit : first_unit + units]
             for b in range(batch_size):
                 dlogit = dlogits[b, :classes]
                 _backward_to_hidden(own_W2T, dlogit, own_hidden[b], units, own_dpre[b])
-            _unit_grads(own_hidden, own_dpre, dlogits_t, gb1, gW2T)
+            _unit_grads(own_hidden, own_dpre, dlogits_t, gb1[:units], gW2T)
             for j in range(units):
                 own_b1[j] -= lr * gb1[j]
                 for c in range(classes):
@@ -386,8 +395,8 @@ def sgd_worker(
 # input i is non-zero, one of W2[j, k] or b2[k] moves one logit, and each
 # sample's loss change is formed from that small move directly.
 @_serial
-def _forward64(x, labels, W1, b1, W2, b2, pre, hidden, probabilities):
-    """float64 forward pass keeping pre-activations, activations and softmax.
+def _forward64(x, labels, W1, b1, W2, b2, pre, hidden, probabilities, log_probabilities):
+    """float64 forward pass keeping pre-activations, activations, softmax and log-softmax.
 
     Returns the batch-mean loss (log-sum-exp form, as the reference's).
     """
@@ -409,11 +418,15 @@ def _forward64(x, labels, W1, b1, W2, b2, pre, hidden, probabilities):
         total = 0.0
         label_logit = probabilities[n, labels[n]]
         for c in range(classes):
-            probabilities[n, c] = math.exp(probabilities[n, c] - top)
+            shifted = probabilities[n, c] - top
+            log_probabilities[n, c] = shifted
+            probabilities[n, c] = math.exp(shifted)
             total += probabilities[n, c]
+        log_total = math.log(total)
         for c in range(classes):
             probabilities[n, c] /= total
-        loss += top + math.log(total) - label_logit
+            log_probabilities[n, c] -= log_total
+        loss += (top - label_logit) + log_total
     return loss / batch_size
 
 
@@ -485,29 +498,52 @@ def _hidden_coefficients(hidden, probabilities, labels, W2, h, first_order, thir
 
 
 @_serial
-def _exact_hidden_diff(pre, hidden, probabilities, label, W2, n, j, step):
-    """``L_n(a + step) - L_n(a - step)`` for hidden unit ``j`` of sample ``n``, exactly.
+def _partition_change(p, log_p, weights, change):
+    """``log(sum_c p_c exp(change * weights[c]))``: a sample's log-partition change.
 
-    The loss changes are formed from the small logit changes with
-    ``log1p``/``expm1`` (as in the reference), never as a difference of losses.
+    Formed from the small logit changes with ``log1p``/``expm1`` (as in the
+    reference), never as a difference of losses; where a logit moves by more
+    than ``SMALL_LOGIT_SHIFT``, as the log-sum-exp of the moved
+    log-probabilities ``log_p``, which neither overflows nor loses the
+    classes whose ``p_c`` underflowed.
     """
-    classes = W2.shape[1]
-    base = hidden[n, j]
-    up_change = _sigmoid(pre[n, j] + step) - base
-    down_change = _sigmoid(pre[n, j] - step) - base
-    up = 0.0
-    down = 0.0
+    classes = p.shape[0]
+    largest = 0.0
     for c in range(classes):
-        up += probabilities[n, c] * math.expm1(up_change * W2[j, c])
-        down += probabilities[n, c] * math.expm1(down_change * W2[j, c])
-    label_weight = W2[j, label]
-    return (math.log1p(up) - up_change * label_weight) - (
-        math.log1p(down) - down_change * label_weight
-    )
+        largest = max(largest, abs(change * weights[c]))
+    if largest <= SMALL_LOGIT_SHIFT:
+        total = 0.0
+        for c in range(classes):
+            total += p[c] * math.expm1(change * weights[c])
+        return math.log1p(total)
+    top = -np.inf
+    for c in range(classes):
+        top = max(top, log_p[c] + change * weights[c])
+    total = 0.0
+    for c in range(classes):
+        total += math.exp(log_p[c] + change * weights[c] - top)
+    return top + math.log(total)
 
 
 @_serial
-def _output_gradients(hidden, probabilities, labels, h, expansion, gW2, gb2):
+def _exact_hidden_diff(pre, hidden, probabilities, log_probabilities, label, W2, n, j, step):
+    """``L_n(a + step) - L_n(a - step)`` for hidden unit ``j`` of sample ``n``, exactly.
+
+    Each loss change is formed from its logit changes (``_partition_change``),
+    never as a difference of losses.
+    """
+    base = hidden[n, j]
+    up_change = _sigmoid(pre[n, j] + step) - base
+    down_change = _sigmoid(pre[n, j] - step) - base
+    p, log_p, weights = probabilities[n], log_probabilities[n], W2[j]
+    up = _partition_change(p, log_p, weights, up_change)
+    down = _partition_change(p, log_p, weights, down_change)
+    label_weight = W2[j, label]
+    return (up - up_change * label_weight) - (down - down_change * label_weight)
+
+
+@_serial
+def _output_gradients(hidden, probabilities, log_probabilities, labels, h, expansion, gW2, gb2):
     """Central differences of ``W2`` and ``b2`` (the caller divides by N).
 
     Moving logit ``k`` by ``d`` moves a sample's loss by ``K(d) - d t_k`` with
@@ -536,16 +572,35 @@ def _output_gradients(hidden, probabilities, labels, h, expansion, gW2, gb2):
                     y = hidden[n, j]
                     gW2[j, c] += y * (slope + curve * y * y)
             else:
-                gb2[c] += _exact_output_diff(p, target, h) * inv_2h
+                log_p = log_probabilities[n]
+                gb2[c] += _exact_output_diff(p, log_p, c, target, h) * inv_2h
                 for j in range(hidden_size):
-                    gW2[j, c] += _exact_output_diff(p, target, h * hidden[n, j]) * inv_2h
+                    step = h * hidden[n, j]
+                    gW2[j, c] += _exact_output_diff(p, log_p, c, target, step) * inv_2h
 
 
 @_serial
-def _exact_output_diff(p, target, step):
-    up = math.log1p(p * math.expm1(step))
-    down = math.log1p(p * math.expm1(-step))
+def _exact_output_diff(p, log_p, k, target, step):
+    """``L(z_k + step) - L(z_k - step)`` of a sample (``p = p_k``, ``log_p`` its row)."""
+    if abs(step) <= SMALL_LOGIT_SHIFT:
+        up = math.log1p(p * math.expm1(step))
+        down = math.log1p(p * math.expm1(-step))
+    else:
+        up = _moved_log_partition(log_p, k, step)
+        down = _moved_log_partition(log_p, k, -step)
     return up - down - 2.0 * step * target
+
+
+@_serial
+def _moved_log_partition(log_p, k, step):
+    """``log(sum_c p_c exp(step [c == k]))`` from the log-probabilities, shifted by the maximum."""
+    top = -np.inf
+    for c in range(log_p.shape[0]):
+        top = max(top, log_p[c] + (step if c == k else 0.0))
+    total = 0.0
+    for c in range(log_p.shape[0]):
+        total += math.exp(log_p[c] + (step if c == k else 0.0) - top)
+    return top + math.log(total)
 
 
 @_serial
@@ -556,6 +611,7 @@ def input_gradient_rows(
     pre,
     hidden,
     probabilities,
+    log_probabilities,
     labels,
     W2,
     h,
@@ -588,14 +644,28 @@ def input_gradient_rows(
                 step = h * v
                 for j in range(hidden_size):
                     gW1[i, j] += (
-                        _exact_hidden_diff(pre, hidden, probabilities, label, W2, n, j, step)
+                        _exact_hidden_diff(
+                            pre, hidden, probabilities, log_probabilities, label, W2, n, j, step
+                        )
                         * inv_2h
                     )
 
 
 @_parallel
 def input_gradients_parallel(
-    x, bounds, pre, hidden, probabilities, labels, W2, h, expansion, first_order, third_order, gW1
+    x,
+    bounds,
+    pre,
+    hidden,
+    probabilities,
+    log_probabilities,
+    labels,
+    W2,
+    h,
+    expansion,
+    first_order,
+    third_order,
+    gW1,
 ):
     """``input_gradient_rows`` over feature chunks ``bounds[c]:bounds[c + 1]`` in parallel.
 
@@ -611,6 +681,7 @@ def input_gradients_parallel(
             pre,
             hidden,
             probabilities,
+            log_probabilities,
             labels,
             W2,
             h,
@@ -650,7 +721,20 @@ def balanced_bounds(x, chunks):
 
 @_serial
 def numerical_prepare(
-    x, labels, W1, b1, W2, b2, h, max_shift, pre, hidden, probabilities, first_order, third_order
+    x,
+    labels,
+    W1,
+    b1,
+    W2,
+    b2,
+    h,
+    max_shift,
+    pre,
+    hidden,
+    probabilities,
+    log_probabilities,
+    first_order,
+    third_order,
 ):
     """Forward pass and per-(sample, hidden unit) coefficients; float64 throughout.
 
@@ -663,7 +747,7 @@ def numerical_prepare(
     1e-3``. At MNIST scale (h = 1e-4, x <= 1, spread ~1) they are ~1e-20,
     far below the ~1e-12 rounding error of the book's loop itself.
     """
-    loss = _forward64(x, labels, W1, b1, W2, b2, pre, hidden, probabilities)
+    loss = _forward64(x, labels, W1, b1, W2, b2, pre, hidden, probabilities, log_probabilities)
     expansion = _expansion_applies(x, W2, h, max_shift)
     if expansion:
         _hidden_coefficients(hidden, probabilities, labels, W2, h, first_order, third_order)
@@ -675,6 +759,7 @@ def numerical_finish(
     pre,
     hidden,
     probabilities,
+    log_probabilities,
     labels,
     W2,
     h,
@@ -697,10 +782,11 @@ def numerical_finish(
             if expansion:
                 gb1[j] += first_order[n, j] + third_order[n, j]
             else:
-                gb1[j] += (
-                    _exact_hidden_diff(pre, hidden, probabilities, labels[n], W2, n, j, h) * inv_2h
+                change = _exact_hidden_diff(
+                    pre, hidden, probabilities, log_probabilities, labels[n], W2, n, j, h
                 )
-    _output_gradients(hidden, probabilities, labels, h, expansion, gW2, gb2)
+                gb1[j] += change * inv_2h
+    _output_gradients(hidden, probabilities, log_probabilities, labels, h, expansion, gW2, gb2)
     inv_batch = 1.0 / batch_size
     gW1 *= inv_batch
     gb1 *= inv_batch
@@ -736,6 +822,7 @@ def sgd_steps_numerical(x, labels, batch_indices, W1, b1, W2, b2, lr, h, max_shi
     pre = np.empty((batch_size, hidden_size))
     hidden = np.empty((batch_size, hidden_size))
     probabilities = np.empty((batch_size, classes))
+    log_probabilities = np.empty((batch_size, classes))
     first_order = np.empty((batch_size, hidden_size))
     third_order = np.empty((batch_size, hidden_size))
     for step in range(steps):
@@ -767,6 +854,7 @@ def sgd_steps_numerical(x, labels, batch_indices, W1, b1, W2, b2, lr, h, max_shi
             pre,
             hidden,
             probabilities,
+            log_probabilities,
             first_order,
             third_order,
         )
@@ -777,6 +865,7 @@ def sgd_steps_numerical(x, labels, batch_indices, W1, b1, W2, b2, lr, h, max_shi
             pre,
             hidden,
             probabilities,
+            log_probabilities,
             batch_labels,
             W2_64,
             h,
@@ -789,6 +878,7 @@ def sgd_steps_numerical(x, labels, batch_indices, W1, b1, W2, b2, lr, h, max_shi
             pre,
             hidden,
             probabilities,
+            log_probabilities,
             batch_labels,
             W2_64,
             h,

@@ -39,6 +39,12 @@ from fastgrad.backends.numba.vector_math import exp_nonpositive
 # order 1 stays far below it, and a block beyond it calls libm instead.
 SERIES_BELOW = 2.0**-7
 
+# Largest logit change whose loss change is formed with log1p/expm1; beyond
+# it, from the log-softmax of the moved logits (no overflow, nothing
+# cancels). The bound of the reference, ``_base.SMALL_LOGIT_SHIFT``, repeated
+# here because a cached kernel does not see a constant of another file change.
+SMALL_LOGIT_SHIFT = 1.0
+
 # A block holds up to this many floats per buffer (two per chunk): blocks of
 # a few hundred perturbations, a sample's worth on MNIST, ran 2-4x faster
 # than blocks of 16-64 (each block pays a pass over every later layer).
@@ -113,7 +119,8 @@ def forward(x, labels, layers, code, pre, post):
             total += post[n, first + c]
         for c in range(classes):
             post[n, first + c] /= total
-        loss += top + math.log(total) - pre[n, first + labels[n]]
+        # (max - z_label) + log Σ exp(z - max), which does not cancel for large logits
+        loss += (top - pre[n, first + labels[n]]) + math.log(total)
     return loss / batch_size
 
 
@@ -169,13 +176,53 @@ def _propagate(code, W, pre_row, post_row, source, tile, count, target, row):
 
 
 @_serial
-def _loss_changes(probabilities, label, logits, tile, count, sums, changes):
-    """``changes[t] = log1p(sum_c p_c expm1(d_c)) - d_label``, ``d_c = logits[c * tile + t]``."""
+def _log_normaliser(base):
+    """``(top, log_total)`` of a row of logits: ``log p_c = (base[c] - top) - log_total``."""
+    top = -np.inf
+    for c in range(base.shape[0]):
+        top = max(top, base[c])
+    total = 0.0
+    for c in range(base.shape[0]):
+        total += math.exp(base[c] - top)
+    return top, math.log(total)
+
+
+@_serial
+def _large_loss_changes(base, label, logits, tile, count, changes):
+    """``_loss_changes`` where a logit moves by more than ``SMALL_LOGIT_SHIFT``.
+
+    ``log(sum_c p_c e^{d_c}) = logsumexp_c(log p_c + d_c)``, shifted by its
+    maximum: no ``expm1`` to overflow, no ``1 + sum`` to cancel, and the
+    classes whose ``p_c`` underflowed still count. Its rounding error
+    (~eps·max|d|) is no larger than that of the change itself.
+    """
+    classes = base.shape[0]
+    top, log_total = _log_normaliser(base)
+    for t in range(count):
+        moved_top = -np.inf
+        for c in range(classes):
+            moved_top = max(moved_top, (base[c] - top) + logits[c * tile + t])
+        total = 0.0
+        for c in range(classes):
+            total += math.exp((base[c] - top) + logits[c * tile + t] - moved_top)
+        moved = moved_top + math.log(total) - log_total
+        changes[t] = moved - logits[label * tile + t]
+
+
+@_serial
+def _loss_changes(probabilities, base, label, logits, tile, count, sums, changes):
+    """``changes[t] = log1p(sum_c p_c expm1(d_c)) - d_label``, ``d_c = logits[c * tile + t]``.
+
+    ``base`` are the sample's logits (whose softmax is ``probabilities``).
+    """
     classes = probabilities.shape[0]
     largest = 0.0
     for c in range(classes):
         for t in range(count):
             largest = max(largest, abs(logits[c * tile + t]))
+    if largest > SMALL_LOGIT_SHIFT:
+        _large_loss_changes(base, label, logits, tile, count, changes)
+        return
     for t in range(count):
         sums[t] = 0.0
     for c in range(classes):
@@ -200,6 +247,19 @@ def _loss_changes(probabilities, label, logits, tile, count, sums, changes):
 
 
 @_serial
+def _moved_log_partition(base, k, d):
+    """``log(sum_c p_c e^{d [c == k]})`` for logits ``base``, from the log-softmax (no overflow)."""
+    top, log_total = _log_normaliser(base)
+    moved_top = -np.inf
+    for c in range(base.shape[0]):
+        moved_top = max(moved_top, (base[c] - top) + (d if c == k else 0.0))
+    total = 0.0
+    for c in range(base.shape[0]):
+        total += math.exp((base[c] - top) + (d if c == k else 0.0) - moved_top)
+    return moved_top + math.log(total) - log_total
+
+
+@_serial
 def _block_changes(layers, code, pre, post, label, n, layer, j, shifts, count, scratch):
     """The loss change of sample ``n`` for each shift of ``A_layer[n, j]`` by ``shifts[t]``.
 
@@ -216,9 +276,14 @@ def _block_changes(layers, code, pre, post, label, n, layer, j, shifts, count, s
     if layer == depth - 1:
         p = post[n, unit]
         on_label = label == j
+        base = pre[n, out : out + classes]
         for t in range(count):
             d = shifts[t]
-            changes[t] = math.log1p(p * math.expm1(d)) - (d if on_label else 0.0)
+            if abs(d) <= SMALL_LOGIT_SHIFT:
+                moved = math.log1p(p * math.expm1(d))
+            else:
+                moved = _moved_log_partition(base, j, d)
+            changes[t] = moved - (d if on_label else 0.0)
         return
     if not activate_moved(code, pre[n, unit], post[n, unit], shifts, first_moves[:count]):
         for t in range(count):  # a unit that stays off: no loss moves
@@ -247,7 +312,16 @@ def _block_changes(layers, code, pre, post, label, n, layer, j, shifts, count, s
             row,
         )
         buffer, other = other, buffer
-    _loss_changes(post[n, out : out + classes], label, buffer, tile, count, sums, changes)
+    _loss_changes(
+        post[n, out : out + classes],
+        pre[n, out : out + classes],
+        label,
+        buffer,
+        tile,
+        count,
+        sums,
+        changes,
+    )
 
 
 @_serial

@@ -129,11 +129,13 @@ def _softmax_cross_entropy(logits, labels, rows, dlogits, inv_batch):
         s = 0.0
         for c in range(classes):
             s += math.exp(np.float64(logits[r, c]) - top)
-        log_total = top + math.log(s)
+        log_s = math.log(s)
         label = labels[rows[r]]
-        total += log_total - np.float64(logits[r, label])
+        # (max - z_label) + log Σ exp(z - max): top + log_s first would cancel
+        # against z_label for large logits
+        total += (top - np.float64(logits[r, label])) + log_s
         for c in range(classes):
-            p = math.exp(np.float64(logits[r, c]) - log_total)
+            p = math.exp((np.float64(logits[r, c]) - top) - log_s)
             dlogits[r, c] = ((p - 1.0) if c == label else p) * inv_batch
     return total
 

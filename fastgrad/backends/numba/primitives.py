@@ -81,21 +81,29 @@ def cross_entropy_dense(y, t, guard):
 
 
 @_serial
-def _log_sum_exp(z, n):
+def _shift_and_log_total(z, n):
+    """``(max_c z[n, c], log sum_c exp(z[n, c] - max))``: row ``n``'s log-sum-exp in two parts.
+
+    The loss of class ``c`` is ``(max - z[n, c]) + log_total``. Adding the
+    parts first and subtracting ``z[n, c]`` after (``lse - z``) would cancel:
+    with logits of 1e5 the sum ``max + log_total`` keeps only ~11 digits of
+    ``log_total``, and the loss, of order 1, loses the rest.
+    """
     top = -np.inf
     for c in range(z.shape[1]):
         top = max(top, np.float64(z[n, c]))
     total = 0.0
     for c in range(z.shape[1]):
         total += math.exp(np.float64(z[n, c]) - top)
-    return top + math.log(total)
+    return top, math.log(total)
 
 
 @_serial
 def softmax_cross_entropy_labels(z, labels):
     total = 0.0
     for n in range(z.shape[0]):
-        total += _log_sum_exp(z, n) - np.float64(z[n, labels[n]])
+        top, log_total = _shift_and_log_total(z, n)
+        total += (top - np.float64(z[n, labels[n]])) + log_total
     return total / z.shape[0]
 
 
@@ -103,9 +111,9 @@ def softmax_cross_entropy_labels(z, labels):
 def softmax_cross_entropy_dense(z, t):
     total = 0.0
     for n in range(z.shape[0]):
-        lse = _log_sum_exp(z, n)
+        top, log_total = _shift_and_log_total(z, n)
         for c in range(z.shape[1]):
-            total += np.float64(t[n, c]) * (lse - np.float64(z[n, c]))
+            total += np.float64(t[n, c]) * ((top - np.float64(z[n, c])) + log_total)
     return total / z.shape[0]
 
 
@@ -116,11 +124,11 @@ def softmax_cross_entropy_grad_labels(z, labels, dz):
     inv_batch = 1.0 / batch_size
     total = 0.0
     for n in range(batch_size):
-        lse = _log_sum_exp(z, n)
+        top, log_total = _shift_and_log_total(z, n)
         label = labels[n]
-        total += lse - np.float64(z[n, label])
+        total += (top - np.float64(z[n, label])) + log_total
         for c in range(z.shape[1]):
-            p = math.exp(np.float64(z[n, c]) - lse)
+            p = math.exp((np.float64(z[n, c]) - top) - log_total)
             dz[n, c] = ((p - 1.0) if c == label else p) * inv_batch
     return total * inv_batch
 
@@ -131,13 +139,13 @@ def softmax_cross_entropy_grad_dense(z, t, dz):
     inv_batch = 1.0 / batch_size
     total = 0.0
     for n in range(batch_size):
-        lse = _log_sum_exp(z, n)
+        top, log_total = _shift_and_log_total(z, n)
         mass = 0.0
         for c in range(z.shape[1]):
             mass += np.float64(t[n, c])
         for c in range(z.shape[1]):
             target = np.float64(t[n, c])
-            log_p = np.float64(z[n, c]) - lse
+            log_p = (np.float64(z[n, c]) - top) - log_total
             total -= target * log_p
             # soft targets: d/dz of -sum_c t_c log p_c is p * sum(t) - t
             dz[n, c] = (math.exp(log_p) * mass - target) * inv_batch

@@ -12,14 +12,13 @@ driven through the model API (``MultiLayerNet``/``TwoLayerNet``:
 ``prepared_loss``), the book's own code (``book``, see
 :mod:`fastgrad._book_reference`: chapter 4's TwoLayerNet for the chapter's
 net, chapter 6's MultiLayerNet for the others), and the peers (``torch-cpu``,
-``torch-cuda``, ``jax``), which are imported only when asked for and are
-never dependencies of fastgrad. Parameter names come from the models; this
-module never spells one.
+``torch-cuda``, ``jax``), whose cases :mod:`fastgrad.benchmarks.peers` builds;
+that module is imported only when a peer is asked for. Parameter names come
+from the models; this module never spells one.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,9 +47,7 @@ __all__ = [
     "NetSpec",
     "WorkloadFactory",
     "embedded_mnist",
-    "find_mnist",
     "net_label",
-    "peer_unavailable_reason",
     "read_mnist",
     "scaling_net",
     "synthetic_mnist",
@@ -139,12 +136,23 @@ class NetSpec:
         """The fastgrad model; the same seed gives the same weights on every backend."""
         if self.two_layer:
             return TwoLayerNet(
-                INPUT_SIZE, self.hidden[0], OUTPUT_SIZE, float(self.weight_init),
-                dtype=dtype, seed=seed, backend=backend,
+                INPUT_SIZE,
+                self.hidden[0],
+                OUTPUT_SIZE,
+                float(self.weight_init),
+                dtype=dtype,
+                seed=seed,
+                backend=backend,
             )
         return MultiLayerNet(
-            INPUT_SIZE, list(self.hidden), OUTPUT_SIZE, self.activation, self.weight_init,
-            dtype=dtype, seed=seed, backend=backend,
+            INPUT_SIZE,
+            list(self.hidden),
+            OUTPUT_SIZE,
+            self.activation,
+            self.weight_init,
+            dtype=dtype,
+            seed=seed,
+            backend=backend,
         )
 
     def book_net(self, params: HostParams) -> BookTwoLayerNet | BookMultiLayerNet:
@@ -272,17 +280,6 @@ def embedded_mnist(num_samples: int = 10_000) -> Dataset:
     )
 
 
-def find_mnist(start: str | Path) -> Path | None:
-    """``../shared/data/mnist`` next to the repository that holds ``start``, if it is there."""
-    for folder in (Path(start).resolve(), *Path(start).resolve().parents):
-        candidate = folder.parent / "shared" / "data" / "mnist"
-        if (candidate / "train-images-idx3-ubyte.gz").is_file():
-            return candidate
-        if (folder / ".git").exists() or (folder / "pyproject.toml").is_file():
-            break
-    return None
-
-
 # -------------------------------------------------------------------------- cases
 @dataclass
 class Case:
@@ -314,9 +311,30 @@ class Case:
         return self.net.hidden[0] if self.net.hidden else 0
 
     @property
-    def label(self) -> str:
-        size = net_label(self.workload, self.net.hidden, self.net.activation)
-        return f"{self.workload}{size} {self.implementation} {self.method} {self.dtype}"
+    def extra_info(self) -> dict[str, Any]:
+        """What both runners record in pytest-benchmark's ``extra_info`` for this case.
+
+        The workload, implementation and net, and for a sampled naive gradient
+        how many parameters it was timed on and the factor that scaled its time
+        to all of them.
+        """
+        return {
+            "workload": self.workload,
+            "implementation": self.implementation,
+            "method": self.method,
+            "dtype": self.dtype,
+            "hidden_size": self.hidden_size,
+            "layer_sizes": list(self.net.layer_sizes),
+            "activation": self.net.activation,
+            "hidden_layers": self.net.hidden_layers,
+            "batch_size": self.batch_size,
+            "num_params": self.num_params,
+            "iterations": self.iterations,
+            "extrapolated": self.sampled_params is not None,
+            "sampled_params": self.sampled_params,
+            "scale_to_full": self.scale,
+            "notes": self.notes,
+        }
 
 
 def _stride_for(total: int, samples: int) -> int:
@@ -398,15 +416,13 @@ class WorkloadFactory:
         require(values.shape == (steps,), f"expected {steps} losses, got {values.shape}")
         require(bool(np.isfinite(values).all()), "a training loss is not finite")
         # Cross-entropy over 10 classes starts near ln 10 = 2.303 and must not blow up.
-        require(
-            float(values.max()) < ceiling, f"training diverged: max loss {values.max():.3f}"
-        )
+        require(float(values.max()) < ceiling, f"training diverged: max loss {values.max():.3f}")
         if steps >= 100:
             quarter = steps // 4
             first, last = values[:quarter].mean(), values[-quarter:].mean()
             require(last < first, f"loss did not fall: {first:.4f} -> {last:.4f}")
 
-    def _gradient_check(
+    def gradient_check(
         self,
         reference: dict[str, np.ndarray],
         to_host: Callable[[Any], np.ndarray],
@@ -414,6 +430,11 @@ class WorkloadFactory:
         stride: int = 1,
         against: str = "backprop",
     ) -> Callable[[Any], None]:
+        """A check that every gradient (read by ``to_host``) is within ``atol`` of ``reference``.
+
+        With ``stride``, only every ``stride``-th element (a sampled naive gradient).
+        """
+
         def check(grads: Any) -> None:
             for name, value in reference.items():
                 expected = value.reshape(-1)[::stride]
@@ -428,7 +449,10 @@ class WorkloadFactory:
         return check
 
     def _numerical_check(
-        self, net: NetSpec, to_host: Callable[[Any], np.ndarray], stride: int = 1,
+        self,
+        net: NetSpec,
+        to_host: Callable[[Any], np.ndarray],
+        stride: int = 1,
         book: bool = False,
     ) -> Callable[[Any], None]:
         """A numerical gradient's check: against backprop for smooth nets, else the NumPy kernel.
@@ -437,17 +461,24 @@ class WorkloadFactory:
         """
         if net.smooth:
             atol = BOOK_NUMERICAL_ATOL if book else EXACT_GRADIENT_ATOL
-            return self._gradient_check(self.reference_gradient(net), to_host, atol, stride)
-        return self._gradient_check(
-            self.reference_numerical(net), to_host,
-            BOOK_NUMERICAL_ATOL if book else NUMERICAL_AGREEMENT_ATOL, stride,
+            return self.gradient_check(self.reference_gradient(net), to_host, atol, stride)
+        return self.gradient_check(
+            self.reference_numerical(net),
+            to_host,
+            BOOK_NUMERICAL_ATOL if book else NUMERICAL_AGREEMENT_ATOL,
+            stride,
             against="the numpy fast numerical gradient",
         )
 
     # -- training runs: the chapter's (workload A) and the deep one (workload C)
     def train_case(
-        self, implementation: str, dtype: str, steps: int, net: NetSpec = CHAPTER_NET,
-        *, workload: str | None = None,
+        self,
+        implementation: str,
+        dtype: str,
+        steps: int,
+        net: NetSpec = CHAPTER_NET,
+        *,
+        workload: str | None = None,
     ) -> Case:
         """``steps`` SGD iterations of ``net`` at lr 0.1, no evaluations."""
         workload = workload or ("train" if net == CHAPTER_NET else "train-deep")
@@ -467,16 +498,31 @@ class WorkloadFactory:
 
             def book_run(book: Any) -> list[float]:
                 return book_train(
-                    book, X_host, onehot, steps, self.batch_size, LEARNING_RATE,
+                    book,
+                    X_host,
+                    onehot,
+                    steps,
+                    self.batch_size,
+                    LEARNING_RATE,
                     batch_masks=schedule,
                 ).train_loss_list
 
             return Case(
-                workload, BOOK, "backprop", dtype, net, self.batch_size,
-                lambda: net.book_net(init), book_run, check, iterations=steps,
+                workload,
+                BOOK,
+                "backprop",
+                dtype,
+                net,
+                self.batch_size,
+                lambda: net.book_net(init),
+                book_run,
+                check,
+                iterations=steps,
             )
         if implementation in PEERS:
-            return _peer_train_case(self, implementation, dtype, steps, net, workload, ceiling)
+            from fastgrad.benchmarks import peers
+
+            return peers.train_case(self, implementation, dtype, steps, net, workload, ceiling)
 
         backend = get_backend(implementation)
         X, labels = net.build(backend, dtype, self.seed).prepare(
@@ -493,13 +539,19 @@ class WorkloadFactory:
             return losses
 
         return Case(
-            workload, implementation, "backprop", dtype, net, self.batch_size,
-            setup, run, lambda losses: check(backend.to_numpy(losses)), iterations=steps,
+            workload,
+            implementation,
+            "backprop",
+            dtype,
+            net,
+            self.batch_size,
+            setup,
+            run,
+            lambda losses: check(backend.to_numpy(losses)),
+            iterations=steps,
         )
 
-    def train_step_case(
-        self, implementation: str, dtype: str, net: NetSpec = CHAPTER_NET
-    ) -> Case:
+    def train_step_case(self, implementation: str, dtype: str, net: NetSpec = CHAPTER_NET) -> Case:
         """One SGD step on a fixed batch (``sgd_steps`` of one step; the book's three lines)."""
         X_host, labels_host = self.gradient_batch()
         X_host = X_host.astype(dtype)
@@ -519,8 +571,15 @@ class WorkloadFactory:
                 return book.loss(X_host, onehot)
 
             return Case(
-                "train-step", BOOK, "backprop", dtype, net, self.batch_size,
-                lambda: net.book_net(init), book_run, check,
+                "train-step",
+                BOOK,
+                "backprop",
+                dtype,
+                net,
+                self.batch_size,
+                lambda: net.book_net(init),
+                book_run,
+                check,
             )
 
         backend = get_backend(implementation)
@@ -538,8 +597,15 @@ class WorkloadFactory:
             return loss
 
         return Case(
-            "train-step", implementation, "backprop", dtype, net, self.batch_size,
-            setup, run, lambda loss: check(backend.to_numpy(loss)),
+            "train-step",
+            implementation,
+            "backprop",
+            dtype,
+            net,
+            self.batch_size,
+            setup,
+            run,
+            lambda loss: check(backend.to_numpy(loss)),
         )
 
     # -- one gradient of the whole net (workload B, the deep gradient, the scaling curve)
@@ -570,13 +636,19 @@ class WorkloadFactory:
         stride = _stride_for(total, naive_samples)
         sampled = sum(len(range(0, array.size, stride)) for array in init.arrays)
         common: dict[str, Any] = {
-            "workload": workload, "implementation": implementation, "method": method,
-            "dtype": "float64", "net": net, "batch_size": self.batch_size,
+            "workload": workload,
+            "implementation": implementation,
+            "method": method,
+            "dtype": "float64",
+            "net": net,
+            "batch_size": self.batch_size,
         }
         if implementation == BOOK:
             return self._book_gradient_case(common, X_host, labels_host, init, stride, sampled)
         if implementation in PEERS:
-            return _peer_gradient_case(self, implementation, method, net, workload)
+            from fastgrad.benchmarks import peers
+
+            return peers.gradient_case(self, implementation, method, net, workload)
 
         backend = get_backend(implementation)
         X, labels = net.build(backend, "float64", self.seed).prepare(
@@ -594,7 +666,7 @@ class WorkloadFactory:
                 backend.synchronize()
                 return grads
 
-            check = self._gradient_check(
+            check = self.gradient_check(
                 self.reference_gradient(net), backend.to_numpy, BACKPROP_ATOL["float64"]
             )
             return Case(run=run_backprop, check=check, **common)
@@ -625,7 +697,10 @@ class WorkloadFactory:
 
             check = self._numerical_check(net, backend.to_numpy, stride)
             return Case(
-                run=run_naive, check=check, scale=total / sampled, sampled_params=sampled,
+                run=run_naive,
+                check=check,
+                scale=total / sampled,
+                sampled_params=sampled,
                 **common,
             )
         if method == "forward":
@@ -658,7 +733,7 @@ class WorkloadFactory:
         common["setup"] = lambda: net.book_net(init)
         method = common["method"]
         if method == "backprop":
-            check = self._gradient_check(
+            check = self.gradient_check(
                 self.reference_gradient(net), np.asarray, BACKPROP_ATOL["float64"]
             )
             return Case(run=lambda book: book.gradient(X, onehot), check=check, **common)
@@ -673,203 +748,10 @@ class WorkloadFactory:
 
             check = self._numerical_check(net, np.asarray, stride, book=True)
             return Case(
-                run=run_naive, check=check, scale=net.num_params / sampled,
-                sampled_params=sampled, **common,
+                run=run_naive,
+                check=check,
+                scale=net.num_params / sampled,
+                sampled_params=sampled,
+                **common,
             )
         raise ValueError(f"the book has no {method!r} gradient")
-
-
-# -------------------------------------------------------------------------- peers
-_PEER_PACKAGES = {"torch-cpu": "torch", "torch-cuda": "torch", "jax": "jax"}
-
-
-def peer_unavailable_reason(peer: str) -> str | None:
-    """Why ``peer`` cannot run here (package missing, no CUDA), or None when it can."""
-    package = _PEER_PACKAGES[peer]
-    if importlib.util.find_spec(package) is None:
-        return f"{package} is not installed (pip install {package}); skipped"
-    if peer == "torch-cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            return "PyTorch has no CUDA device here; skipped"
-    return None
-
-
-def available_peers(peers: Sequence[str] = PEERS) -> tuple[list[str], dict[str, str]]:
-    """The peers that can run, and a reason for each that cannot."""
-    runnable, skipped = [], {}
-    for peer in peers:
-        reason = peer_unavailable_reason(peer)
-        if reason is None:
-            runnable.append(peer)
-        else:
-            skipped[peer] = reason
-    return runnable, skipped
-
-
-# The peers run the same network, init, batches and loss (exact log-softmax
-# cross-entropy, batch mean) in their own idiom: PyTorch eager with autograd
-# and a manual SGD update; JAX one jitted function that runs every step with
-# lax.scan. Parameters travel as the flat tuple W1, b1, ..., WL, bL.
-def _torch_device(peer: str) -> tuple[Any, Any]:
-    import torch
-
-    return torch, torch.device("cuda" if peer == "torch-cuda" else "cpu")
-
-
-def _torch_synchronize(torch: Any, device: Any) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _torch_loss(torch: Any, activation: str) -> Callable[..., Any]:
-    act = {
-        "sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh,
-        "identity": lambda values: values,
-    }[activation]
-
-    def loss(params: Sequence[Any], X: Any, labels: Any) -> Any:
-        hidden = X
-        for W, b in zip(params[0:-2:2], params[1:-2:2], strict=True):
-            hidden = act(hidden @ W + b)
-        return torch.nn.functional.cross_entropy(hidden @ params[-2] + params[-1], labels)
-
-    return loss
-
-
-def _jax_modules() -> tuple[Any, Any]:
-    import jax
-    import jax.numpy as jnp
-
-    # float64 needs x64 mode; float32 arrays stay float32 under it.
-    jax.config.update("jax_enable_x64", True)
-    return jax, jnp
-
-
-def _jax_loss(jax: Any, jnp: Any, activation: str) -> Callable[..., Any]:
-    act = {
-        "sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu, "tanh": jnp.tanh,
-        "identity": lambda values: values,
-    }[activation]
-
-    def loss(params: Sequence[Any], X: Any, labels: Any) -> Any:
-        hidden = X
-        for W, b in zip(params[0:-2:2], params[1:-2:2], strict=True):
-            hidden = act(hidden @ W + b)
-        log_p = jax.nn.log_softmax(hidden @ params[-2] + params[-1])
-        return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
-
-    return loss
-
-
-def _peer_train_case(
-    factory: WorkloadFactory, peer: str, dtype: str, steps: int, net: NetSpec, workload: str,
-    ceiling: float,
-) -> Case:
-    schedule = factory.batch_schedule(steps)
-    X_host = factory.inputs(dtype)
-    labels_host = factory.dataset.labels
-    init = factory.initial_params(net, dtype)
-
-    if peer == "jax":
-        jax, jnp = _jax_modules()
-        loss_fn = _jax_loss(jax, jnp, net.activation)
-        X, labels, rows = jnp.asarray(X_host), jnp.asarray(labels_host), jnp.asarray(schedule)
-
-        @jax.jit
-        def train(params: Any, X: Any, labels: Any, rows: Any) -> Any:
-            def step(params: Any, batch: Any) -> Any:
-                loss, grads = jax.value_and_grad(loss_fn)(params, X[batch], labels[batch])
-                updated = tuple(p - LEARNING_RATE * g for p, g in zip(params, grads, strict=True))
-                return updated, loss
-
-            return jax.lax.scan(step, params, rows)
-
-        def jax_setup() -> Any:
-            return tuple(jnp.asarray(array) for array in init.arrays)
-
-        def jax_run(params: Any) -> Any:
-            # One compiled call for all steps: compiled in the untimed warm-up call.
-            return jax.block_until_ready(train(params, X, labels, rows)[1])
-
-        return Case(
-            workload, peer, "backprop", dtype, net, factory.batch_size, jax_setup,
-            jax_run, lambda losses: factory.check_losses(np.asarray(losses), steps, ceiling),
-            iterations=steps, notes={"device": str(jax.devices()[0]), "loop": "lax.scan"},
-        )
-
-    torch, device = _torch_device(peer)
-    loss_fn = _torch_loss(torch, net.activation)
-    X = torch.from_numpy(X_host).to(device)
-    labels = torch.from_numpy(labels_host).to(device)
-    batch_indices = torch.from_numpy(schedule).to(device)
-
-    def setup() -> list[Any]:
-        return [torch.tensor(array, device=device, requires_grad=True) for array in init.arrays]
-
-    def run(params: list[Any]) -> Any:
-        # Losses stay on the device: reading each one would synchronise a GPU
-        # every step, which fastgrad's own loops do not do either.
-        losses = torch.empty(steps, dtype=torch.float64, device=device)
-        for step in range(steps):
-            rows = batch_indices[step]
-            loss = loss_fn(params, X[rows], labels[rows])
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                for param, grad in zip(params, grads, strict=True):
-                    param.sub_(grad, alpha=LEARNING_RATE)
-            losses[step] = loss.detach()
-        _torch_synchronize(torch, device)
-        return losses
-
-    return Case(
-        workload, peer, "backprop", dtype, net, factory.batch_size, setup, run,
-        lambda losses: factory.check_losses(losses.cpu().numpy(), steps, ceiling),
-        iterations=steps,
-        notes={"threads": torch.get_num_threads()} if device.type == "cpu" else {},
-    )
-
-
-def _peer_gradient_case(
-    factory: WorkloadFactory, peer: str, method: str, net: NetSpec, workload: str
-) -> Case:
-    if method != "backprop":
-        raise ValueError(f"peers are timed on backprop only, not {method!r}")
-    X_host, labels_host = factory.gradient_batch()
-    init = factory.initial_params(net)
-    reference = factory.reference_gradient(net)
-
-    if peer == "jax":
-        jax, jnp = _jax_modules()
-        gradient = jax.jit(jax.grad(_jax_loss(jax, jnp, net.activation)))
-        X, labels = jnp.asarray(X_host), jnp.asarray(labels_host)
-
-        def jax_run(params: Any) -> dict[str, Any]:
-            return init.named(jax.block_until_ready(gradient(params, X, labels)))
-
-        return Case(
-            workload, peer, "backprop", "float64", net, factory.batch_size,
-            lambda: tuple(jnp.asarray(array) for array in init.arrays), jax_run,
-            factory._gradient_check(reference, np.asarray, BACKPROP_ATOL["float64"]),
-        )
-
-    torch, device = _torch_device(peer)
-    loss_fn = _torch_loss(torch, net.activation)
-    X = torch.from_numpy(X_host.copy()).to(device)
-    labels = torch.from_numpy(labels_host.copy()).to(device)
-
-    def setup() -> list[Any]:
-        return [torch.tensor(array, device=device, requires_grad=True) for array in init.arrays]
-
-    def run(params: list[Any]) -> dict[str, Any]:
-        grads = torch.autograd.grad(loss_fn(params, X, labels), params)
-        _torch_synchronize(torch, device)
-        return init.named(grads)
-
-    return Case(
-        workload, peer, "backprop", "float64", net, factory.batch_size, setup, run,
-        factory._gradient_check(
-            reference, lambda t: t.detach().cpu().numpy(), BACKPROP_ATOL["float64"]
-        ),
-    )
