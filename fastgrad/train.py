@@ -320,7 +320,7 @@ def train(
     # Compile before the clock of the steps starts (the naive loop has nothing to compile).
     if gradient != "numerical-naive":
         history.warmup_time = backend.warmup(
-            net.dtype, "numerical" if gradient == "numerical" else "backprop"
+            net.dtype, "numerical" if gradient == "numerical" else "backprop", net.network()
         )
 
     def evaluate(iteration: int) -> None:

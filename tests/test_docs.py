@@ -5,9 +5,13 @@ from __future__ import annotations
 import doctest
 import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import import_extra_or_skip
 
 PUBLIC_MODULES = [
     "fastgrad",
@@ -70,3 +74,17 @@ def test_readme_library_example_prints_what_the_readme_says(capsys):
     exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
     # the first print (True) is shown as a comment in the code, the report below it
     assert _without_timing(capsys.readouterr().out) == "True\n" + _without_timing(printed)
+
+
+@pytest.mark.dask
+def test_readme_scaling_out_example_runs_as_a_script(tmp_path):
+    # As a user runs it: a file of its own, whose worker processes re-import it.
+    import_extra_or_skip("dask", "distributed")
+    section = README.read_text(encoding="utf-8").split("## Scaling out", 1)[1]
+    script = tmp_path / "scaling_out.py"
+    script.write_text(_fenced(section, "python")[0], encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "True"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import doctest
 import itertools
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -413,6 +415,30 @@ def test_after_warmup_a_run_of_any_net_compiles_nothing(numba_backend, gradient)
     net.sgd_steps(X, labels, indices, 0.1, gradient)
     net.prepared_loss(X, labels)
     assert _compile_clock.seconds == compiled
+
+
+@needs_jit
+@pytest.mark.parametrize(
+    "sizes, activation, loaded, left",
+    [
+        ((784, 50, 10), "sigmoid", "chapter.sgd_worker", "network_training.sgd_steps"),
+        ((784, 100, 100, 10), "relu", "network_training.sgd_steps", "chapter.sgd_worker"),
+    ],
+    ids=["chapter-net", "deep-net"],
+)
+def test_warmup_for_a_network_compiles_only_its_kind_of_kernel(sizes, activation, loaded, left):
+    # In a fresh process, so that no other test has compiled or loaded them.
+    code = f"""
+import numpy as np, fastgrad
+from fastgrad.backends.numba import chapter, network_training
+net = fastgrad.MultiLayerNet({sizes[0]}, {list(sizes[1:-1])}, {sizes[-1]}, {activation!r},
+                             backend="numba")
+fastgrad.get_backend("numba").warmup(np.float64, "backprop", net.network())
+print(bool({loaded}.signatures), bool({left}.signatures))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]
 
 
 def test_docstring_examples_of_the_packed_layers():

@@ -177,11 +177,14 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work; CPU backends have none."""
 
-    def warmup(self, dtype: Any = np.float64, gradient: str = "backprop") -> float:
+    def warmup(
+        self, dtype: Any = np.float64, gradient: str = "backprop", network: Network | None = None
+    ) -> float:
         """Compile ahead what a training run with ``gradient`` needs; returns seconds spent.
 
-        ``gradient`` is ``"backprop"``, ``"numerical"`` or ``"all"``. Backends
-        without a compiler have nothing to do.
+        ``gradient`` is ``"backprop"``, ``"numerical"`` or ``"all"``; with
+        ``network``, a backend may compile only what that network's training
+        needs. Backends without a compiler have nothing to do.
         """
         return 0.0
 

@@ -235,16 +235,18 @@ class CupyBackend(Backend):
             "custom kernels": f"numba-cuda {importlib.metadata.version('numba-cuda')}",
         }
 
-    def warmup(self, dtype: Any = np.float64, gradient: str = "all") -> float:
+    def warmup(
+        self, dtype: Any = np.float64, gradient: str = "all", network: Network | None = None
+    ) -> float:
         """Compile every kernel a training run uses for ``dtype``; returns seconds.
 
         Runs a few fused training steps, a numerical-gradient step and each
         primitive of every activation on a tiny network on the device, so
         NVRTC and numba-cuda compilation (both cached on disk for the next
         process), cuBLAS handle creation and the memory pool's first
-        allocations happen here and not in a timed loop. ``gradient`` is
-        accepted for the common interface: the kernels are few and small, so
-        all of them are compiled whatever it says.
+        allocations happen here and not in a timed loop. ``gradient`` and
+        ``network`` are accepted for the common interface: the kernels are
+        few and small, so all of them are compiled whatever they say.
         """
         start = time.perf_counter()
         resolved = np.dtype(dtype)
