@@ -380,7 +380,6 @@ class NumbaBackend(Backend):
         losses = np.empty(rows.shape[0], dtype=np.float64)
         if gradient == "backprop":
             starts, columns, values, targets, rows = _listed_rows(x, sparse, targets, rows)
-            fixed = usable_threads(min(numba.get_num_threads(), rows.shape[1]))
             _sgd_backprop_threaded(
                 starts,
                 columns,
@@ -390,7 +389,7 @@ class NumbaBackend(Backend):
                 (W1, b1, W2, b2),
                 lr,
                 losses,
-                None if self.choose_threads else fixed,
+                choose_threads=self.choose_threads,
             )
         else:
             chapter.sgd_steps_numerical(
@@ -692,7 +691,8 @@ def _network_sgd_steps(
     starts, columns, values, targets, rows = _listed_rows(x, sparse, targets, rows)
     layers = packed.pack(network, dtype)
     losses = np.empty(rows.shape[0], dtype=np.float64)
-    most = usable_threads(numba.get_num_threads())
+    before = numba.get_num_threads()
+    most = usable_threads(before)
     # the chunks fix the arithmetic; the threads that run them only the speed
     chunks = max(1, min(most, rows.shape[1]))
 
@@ -713,18 +713,12 @@ def _network_sgd_steps(
                 chunks,
             )
         finally:
-            numba.set_num_threads(most)
+            numba.set_num_threads(before)
 
+    shapes = tuple(layer.shape for layer in network.weights)
+    key = ("network", most, shapes, dtype, rows.shape[1])
     with _one_blas_thread():
-        if choose_threads:
-            shapes = tuple(layer.shape for layer in network.weights)
-            key = ("network", most, shapes, dtype, rows.shape[1])
-            chooser = _THREAD_CHOOSERS.get(key)
-            if chooser is None:
-                chooser = _THREAD_CHOOSERS[key] = ThreadCountChooser(most)
-            chooser.run(rows.shape[0], run_slice)
-        else:
-            run_slice(0, rows.shape[0], most)
+        _run_steps(key, most, rows.shape[0], run_slice, choose_threads)
     packed.write_back(network, layers)
     return losses
 
@@ -813,6 +807,7 @@ def _sgd_backprop_threaded(
     lr: float,
     losses: np.ndarray,
     threads: int | None = None,
+    choose_threads: bool = True,
 ) -> None:
     """``chapter.sgd_worker`` over the steps, on ``threads`` threads or as many as pay.
 
@@ -823,11 +818,12 @@ def _sgd_backprop_threaded(
 
     With ``threads`` given, every step runs on that many threads, in as
     many blocks. Without, the blocks are cut for ``numba.get_num_threads()``
-    threads and a :class:`~fastgrad.backends.numba.threads.ThreadCountChooser`
-    (one per shape, kept between calls) picks from measured step times how
-    many of them run each slice of the steps: fewer when other processes
-    hold the cores. The blocks alone fix the arithmetic, so the choice
-    never changes a result.
+    threads, and with ``choose_threads`` a
+    :class:`~fastgrad.backends.numba.threads.ThreadCountChooser` (one per
+    shape, kept between calls) picks from measured step times how many of
+    them run each slice of the steps: fewer when other processes hold the
+    cores. The blocks alone fix the arithmetic, so the choice never changes
+    a result.
     """
     W1, b1, W2, b2 = params
     steps, batch_size = batch_indices.shape
@@ -874,11 +870,8 @@ def _sgd_backprop_threaded(
     if threads is not None:
         run_slice(0, steps, threads)
     else:
-        key = (most, blocks, W1.shape, W1.dtype, batch_size)
-        chooser = _THREAD_CHOOSERS.get(key)
-        if chooser is None:
-            chooser = _THREAD_CHOOSERS[key] = ThreadCountChooser(most)
-        chooser.run(steps, run_slice)
+        key = ("chapter", most, W1.shape, W1.dtype, batch_size)
+        _run_steps(key, most, steps, run_slice, choose_threads)
     for k, (first, last) in enumerate(spans):
         W1[:, first:last] = W1_blocks[k, :, : last - first]
 
@@ -886,6 +879,27 @@ def _sgd_backprop_threaded(
 # One chooser per training shape: a run's epochs (one call each) share what
 # the earlier ones measured.
 _THREAD_CHOOSERS: dict[tuple[Any, ...], ThreadCountChooser] = {}
+
+
+def _run_steps(
+    key: tuple[Any, ...],
+    most: int,
+    steps: int,
+    run_slice: Callable[[int, int, int], None],
+    choose_threads: bool,
+) -> None:
+    """``run_slice(first, last, threads)`` over all steps: on ``most`` threads, or as chosen.
+
+    With ``choose_threads``, the steps run in slices on the counts that the
+    shape's :class:`ThreadCountChooser` (made on first use) picks.
+    """
+    if not choose_threads:
+        run_slice(0, steps, most)
+        return
+    chooser = _THREAD_CHOOSERS.get(key)
+    if chooser is None:
+        chooser = _THREAD_CHOOSERS[key] = ThreadCountChooser(most)
+    chooser.run(steps, run_slice)
 
 
 def _unit_blocks(hidden_size: int, threads: int, itemsize: int) -> tuple[np.ndarray, int]:
