@@ -128,6 +128,19 @@ def test_it_follows_the_load_as_it_comes_and_goes(clock: FakeClock) -> None:
     assert steps_before_return * 3.0e-4 < chooser.LONGEST_WAIT_SECONDS + 2 * chooser.SLICE_SECONDS
 
 
+def test_a_slow_first_slice_does_not_send_it_to_fewer_threads(clock: FakeClock) -> None:
+    # the first call of a run starts the threads and touches fresh buffers:
+    # its slice costs 2.5 ms a step on two threads, the steps after 0.6 ms
+    clock.cost_per_step.update({1: 1.0e-3, 2: 2.5e-3})
+    chooser = ThreadCountChooser(2)
+    chooser.run(chooser.PROBE_STEPS, clock.run_slice)
+    clock.cost_per_step[2] = 0.6e-3
+    chooser.run(10_000, clock.run_slice)
+    assert chooser.threads == 2
+    # only the probes ran on one thread (timed from the first slice, 40 % of the steps did)
+    assert clock.steps_on(1) * 1.0e-3 < 0.05 * clock.now
+
+
 def test_a_probe_must_win_by_the_margin(clock: FakeClock) -> None:
     # one thread only 5 % faster: within the margin, not worth a switch
     clock.cost_per_step.update({1: 0.95e-4, 2: 1.0e-4})

@@ -78,8 +78,12 @@ class ThreadCountChooser:
     on the current count, which keeps a running mean of its seconds per
     step. Now and then one short slice (:attr:`PROBE_STEPS`) tries the next
     count down or up, alternately; a probe that beats the mean by
-    :attr:`MARGIN` becomes the current count. The first probe comes after
-    the first slice. After a probe the next one waits :attr:`PROBE_COST`
+    :attr:`MARGIN` becomes the current count. The first slice of a chooser
+    is not timed: it pays what a run pays once (starting Numba's threads,
+    first touches of its buffers), which made a first two-thread slice of
+    the deep nets' loop look 2.5x slower than the one-thread probe after
+    it, and a fresh run spend 40 % of its steps on one thread. The first
+    probe comes after the first timed slice. After a probe the next one waits :attr:`PROBE_COST`
     times what a probe of the slower side costs, and twice as long as the
     last wait when the probe lost (up to :attr:`LONGEST_WAIT_SECONDS`), so
     probing a count that stalls costs a few per cent of the run at most. A
@@ -114,8 +118,9 @@ class ThreadCountChooser:
         self._current = len(self.candidates) - 1
         self._seconds_per_step: dict[int, float] = {}
         self._wait = 0.0
-        self._next_probe = 0.0  # a perf_counter() time; 0: after the first slice
+        self._next_probe = 0.0  # a perf_counter() time; 0: after the first timed slice
         self._probe_down = True
+        self._warmed_up = False
 
     @property
     def threads(self) -> int:
@@ -155,6 +160,9 @@ class ThreadCountChooser:
 
     def _record(self, index: int, per_step: float, probing: bool, now: float) -> None:
         threads = self.candidates[index]
+        if not self._warmed_up:
+            self._warmed_up = True  # the first slice: one-off costs, not a measure
+            return
         mean = self._seconds_per_step.get(threads)
         if not probing:
             if mean is not None and per_step > self.SURPRISE * mean:
