@@ -172,7 +172,8 @@ def test_softmax_cross_entropy_grad_is_the_derivative_of_the_loss(backend, targe
 
 
 # --------------------------------------------------------------------- affine
-AFFINE_SHAPES = [(1, 10, 3), (7, 13, 5), (100, 784, 50), (257, 33, 129)]  # (N, D, F)
+# (N, D, F); 1001 rows: from 1000 the Numba backend runs blocks of rows on its threads
+AFFINE_SHAPES = [(1, 10, 3), (7, 13, 5), (100, 784, 50), (257, 33, 129), (1001, 33, 17)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

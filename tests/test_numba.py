@@ -219,6 +219,40 @@ def test_threaded_sgd_on_any_thread_count_follows_the_serial_loop(
 
 
 @needs_jit
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_many_rows_run_the_affine_forward_in_blocks_on_the_threads(
+    numba_backend, reference, threads, monkeypatch, dtype
+):
+    # an evaluation of a data set: Numba's threads run the blocks (no BLAS
+    # thread left spinning beside the training steps that follow)
+    from fastgrad.backends import numba as numba_module
+    from fastgrad.backends.numba import primitives
+
+    calls = []
+    kernel = primitives.affine_rows
+    monkeypatch.setattr(
+        primitives, "affine_rows", lambda *args: calls.append(args[-1]) or kernel(*args)
+    )
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    rows = numba_module._AFFINE_ROWS + 3
+    rng = np.random.default_rng(0)
+    X = np.asfortranarray(rng.random((rows, 37)).astype(dtype))  # any layout
+    W, b = rng.standard_normal((37, 11)).astype(dtype), rng.standard_normal(11).astype(dtype)
+    before = X.copy(), W.copy(), b.copy()
+    Y = numba_backend.affine_forward(X, W, b)
+    expected = reference.affine_forward(X, W, b)
+    assert Y.dtype == dtype and Y.shape == (rows, 11)
+    np.testing.assert_allclose(Y, expected, rtol=tolerance(dtype), atol=tolerance(dtype))
+    for array, copy in zip((X, W, b), before, strict=True):
+        np.testing.assert_array_equal(array, copy)
+    assert calls == ([numba.get_num_threads()] if numba.get_num_threads() > 1 else [])
+    # a batch, and mixed dtypes, take the reference
+    numba_backend.affine_forward(X[:100], W, b)
+    numba_backend.affine_forward(X, W.astype(np.float64 if dtype == np.float32 else np.float32), b)
+    assert len(calls) <= 1
+
+
+@needs_jit
 @pytest.mark.parametrize("chunks", [2, 3, 7])
 def test_any_net_training_depends_on_its_chunks_not_its_threads(numba_backend, threads, chunks):
     # The kernel cuts each step into chunks (the backend passes one per

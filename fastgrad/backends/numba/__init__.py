@@ -242,6 +242,10 @@ class NumbaBackend(Backend):
                 self.network_numerical_gradient(deeper, X, labels, 1e-4)
         logits = self.sigmoid(X @ chapter_net.weights[0]) @ chapter_net.weights[1]
         self.softmax_cross_entropy(logits, labels)
+        if _has_scipy():  # the evaluations' forward over many rows (affine_forward)
+            out = np.empty((X.shape[0], 3), resolved)
+            with _one_blas_thread():
+                primitives.affine_rows(X, chapter_net.weights[0], chapter_net.biases[0], out, 2)
         if gradient == "all":
             self.softmax_cross_entropy_with_grad(logits, labels)
             self.network_numerical_gradient(chapter_net, X, labels, 1e-4)
@@ -249,6 +253,26 @@ class NumbaBackend(Backend):
         key = resolved.name
         self._warmup_seconds[key] = self._warmup_seconds.get(key, 0.0) + seconds
         return seconds
+
+    # ---------------------------------------------------------- affine
+    def affine_forward(self, X: Array | SparseRows, W: Array, b: Array) -> Array:
+        """``X @ W + b``; many dense rows in blocks on Numba's threads.
+
+        From ``_AFFINE_ROWS`` rows of one float dtype, with two threads or
+        more: :func:`primitives.affine_rows`; anything else the reference.
+        """
+        if not _blocks_of_rows(X, W, b):
+            return super().affine_forward(X, W, b)
+        out = np.empty((X.shape[0], W.shape[1]), dtype=X.dtype)
+        with _one_blas_thread():
+            primitives.affine_rows(
+                np.ascontiguousarray(X),
+                np.ascontiguousarray(W),
+                np.ascontiguousarray(b),
+                out,
+                numba.get_num_threads(),
+            )
+        return out
 
     # ------------------------------------------------------- activations
     def sigmoid(self, X: Array) -> Array:
@@ -721,6 +745,30 @@ def _network_sgd_steps(
         _run_steps(key, most, rows.shape[0], run_slice, choose_threads)
     packed.write_back(network, layers)
     return losses
+
+
+# Rows from which affine_forward runs in blocks on Numba's threads: evaluations
+# of a data set, not a training batch (whose products are too small to split).
+_AFFINE_ROWS = 1000
+
+
+def _blocks_of_rows(X: Any, W: Any, b: Any) -> bool:
+    """Whether ``affine_forward(X, W, b)`` runs :func:`primitives.affine_rows`."""
+    return (
+        isinstance(X, np.ndarray)
+        and isinstance(W, np.ndarray)
+        and isinstance(b, np.ndarray)
+        and X.ndim == 2
+        and W.ndim == 2
+        and b.ndim == 1
+        and X.shape[0] >= _AFFINE_ROWS
+        and X.shape[1] == W.shape[0]
+        and W.shape[1] == b.shape[0]
+        and X.dtype in _FLOATS
+        and X.dtype == W.dtype == b.dtype
+        and numba.get_num_threads() > 1
+        and _has_scipy()
+    )
 
 
 def _one_blas_thread() -> contextlib.AbstractContextManager[object]:

@@ -1,7 +1,8 @@
 """Layer primitives of the Numba backend: elementwise, losses, affine, activations.
 
 Rule of this module: every kernel is a plain serial ``@njit`` loop over NumPy
-arrays of one float dtype, compiled once per dtype and cached on disk. The
+arrays of one float dtype, compiled once per dtype and cached on disk; one,
+``affine_rows``, runs blocks of rows on Numba's threads. The
 backend (``fastgrad.backends.numba``) prepares the arguments and falls back
 to the reference for anything these do not take.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import prange
 
+from fastgrad.backends.numba._jit import parallel as _parallel
 from fastgrad.backends.numba._jit import serial as _serial
 from fastgrad.backends.numba.vector_math import sigmoid as _sigmoid
 
@@ -223,3 +226,26 @@ def drawn_rows_csr(x, batch_indices):
     used = used[:distinct]
     starts, columns, values = _csr_of(x, used)
     return starts, columns, values, used, local
+
+
+# ------------------------------------------------------------------ affine
+@_parallel
+def affine_rows(x, W, b, out, blocks):
+    """``out = x @ W + b`` in ``blocks`` blocks of rows, one ``np.dot`` (BLAS) each.
+
+    For a forward pass over many rows (an evaluation of the training set),
+    called with BLAS limited to one thread: Numba's threads run the blocks,
+    and no BLAS thread is left spinning for the next ~0.1 s, as OpenBLAS's
+    own are after a threaded call, beside the training steps that follow
+    (which then ran 1.6x slower on two cores).
+    """
+    rows = x.shape[0]
+    for block in prange(blocks):
+        first = rows * np.int64(block) // blocks
+        last = rows * (np.int64(block) + 1) // blocks
+        if first < last:
+            part = out[first:last]
+            np.dot(x[first:last], W, part)
+            for r in range(part.shape[0]):
+                for j in range(part.shape[1]):
+                    part[r, j] += b[j]
