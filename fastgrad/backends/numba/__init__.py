@@ -755,9 +755,7 @@ _AFFINE_ROWS = 1000
 def _blocks_of_rows(X: Any, W: Any, b: Any) -> bool:
     """Whether ``affine_forward(X, W, b)`` runs :func:`primitives.affine_rows`."""
     return (
-        isinstance(X, np.ndarray)
-        and isinstance(W, np.ndarray)
-        and isinstance(b, np.ndarray)
+        all(type(array) is np.ndarray for array in (X, W, b))  # no subclass (masked, matrix)
         and X.ndim == 2
         and W.ndim == 2
         and b.ndim == 1

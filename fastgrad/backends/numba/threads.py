@@ -83,12 +83,12 @@ class ThreadCountChooser:
     first touches of its buffers), which made a first two-thread slice of
     the deep nets' loop look 2.5x slower than the one-thread probe after
     it, and a fresh run spend 40 % of its steps on one thread. The first
-    probe comes after the first timed slice. After a probe the next one waits :attr:`PROBE_COST`
-    times what a probe of the slower side costs, and twice as long as the
-    last wait when the probe lost (up to :attr:`LONGEST_WAIT_SECONDS`), so
-    probing a count that stalls costs a few per cent of the run at most. A
-    slice much slower than the mean (the load has changed) brings the next
-    probe forward.
+    probe comes after the first timed slice. After a probe the next one
+    waits :attr:`PROBE_COST` times what a probe of the slower side costs,
+    and twice as long as the last wait when the probe lost (up to
+    :attr:`LONGEST_WAIT_SECONDS`), so probing a count that stalls costs a
+    few per cent of the run at most. A slice much slower than the mean (the
+    load has changed) brings the next probe forward.
 
     The choice changes only the speed, never the arithmetic: the callers
     fix how the work is cut independently of the threads that run it.
