@@ -242,10 +242,9 @@ class NumbaBackend(Backend):
                 self.network_numerical_gradient(deeper, X, labels, 1e-4)
         logits = self.sigmoid(X @ chapter_net.weights[0]) @ chapter_net.weights[1]
         self.softmax_cross_entropy(logits, labels)
-        if _has_scipy():  # the evaluations' forward over many rows (affine_forward)
-            out = np.empty((X.shape[0], 3), resolved)
-            with _one_blas_thread():
-                primitives.affine_rows(X, chapter_net.weights[0], chapter_net.biases[0], out, 2)
+        # the evaluations' forward over many rows (blocks on the threads, where it runs them)
+        rows = np.resize(X, (_AFFINE_ROWS, X.shape[1]))
+        self.affine_forward(rows, chapter_net.weights[0], chapter_net.biases[0])
         if gradient == "all":
             self.softmax_cross_entropy_with_grad(logits, labels)
             self.network_numerical_gradient(chapter_net, X, labels, 1e-4)
